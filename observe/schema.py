@@ -1,0 +1,115 @@
+"""The flow record: the one schema every source produces and every later stage reads.
+
+A flow record is one request (HTTP/gRPC) or one connection (opaque TCP) between a client
+and a server, as one piece of evidence saw it. Readers yield ``pyarrow.RecordBatch`` objects
+with exactly :data:`FLOW_SCHEMA`; flows persist to Parquet with the same schema so a dump
+analysed today can be re-learned later.
+
+Orientation is always client -> server, whichever side reported the record: ``src_*`` is the
+client, ``dst_*`` the server endpoint that handled it. ``direction`` says which side wrote it.
+
+Observe fills what its evidence proves. The learn stage fills ``src_workload`` and
+``dst_workload`` (resolved identities); observe leaves them null unless the evidence itself
+names the workload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+#: Values of the ``mtls`` column.
+MTLS_STATES = ("mtls", "tls", "plaintext", "unknown")
+#: Values of the ``direction`` column.
+DIRECTIONS = ("inbound", "outbound", "unknown")
+
+#: Schema version written into Parquet metadata; bump on incompatible change.
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: pa.DataType
+    doc: str
+
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+FIELDS: tuple[Field, ...] = (
+    Field("time", TIMESTAMP, "When the request or connection started (UTC, microseconds)."),
+    Field("duration_ms", pa.int64(), "How long it lasted, in milliseconds; null if unknown."),
+    Field("src_ip", pa.string(), "Client IP address (IPv4 or IPv6 text); null if not logged."),
+    Field("src_port", pa.int32(), "Client port; null if not logged."),
+    Field("dst_ip", pa.string(), "Server endpoint IP that handled it (a pod IP when known)."),
+    Field("dst_port", pa.int32(), "Server endpoint port: the workload's port (targetPort)."),
+    Field("dialed_ip", pa.string(), "Address the client dialled (often a Service ClusterIP)."),
+    Field("dialed_port", pa.int32(), "Port the client dialled (often the Service port)."),
+    Field("service_host", pa.string(), "Destination host named by the evidence (cluster FQDN, SNI)."),
+    Field("direction", pa.string(), "Which side reported it: inbound (server), outbound (client)."),
+    Field("reporter", pa.string(), "'<namespace>/<pod>' whose proxy wrote the record, if known."),
+    Field("src_workload", pa.string(), "Resolved client node id ('<ns>/<workload>', 'external:..')."),
+    Field("dst_workload", pa.string(), "Resolved server node id ('<ns>/<workload>', 'external:..')."),
+    Field("src_principal", pa.string(), "Client identity the evidence proves ('<td>/ns/<ns>/sa/<sa>')."),
+    Field("dst_principal", pa.string(), "Server identity the evidence proves ('<td>/ns/<ns>/sa/<sa>')."),
+    Field("transport", pa.string(), "Transport protocol: 'tcp' or 'udp'."),
+    Field("protocol", pa.string(), "Application protocol: 'http', 'grpc', 'tcp' (opaque), 'tls'."),
+    Field("http_version", pa.string(), "HTTP version as logged ('HTTP/1.1', 'HTTP/2'); null for TCP."),
+    Field("method", pa.string(), "HTTP method; null for TCP."),
+    Field("path", pa.string(), "HTTP path as logged (original path, query string kept)."),
+    Field("authority", pa.string(), "HTTP :authority / Host header."),
+    Field("status", pa.int32(), "HTTP status (or 0 for TCP / no response); null if not logged."),
+    Field("response_flags", pa.string(), "Envoy response flags ('-' none, 'UF', 'URX', ...)."),
+    Field("response_detail", pa.string(), "Envoy response code details ('via_upstream', ...)."),
+    Field("bytes_in", pa.int64(), "Bytes from client to server (request body or TCP upstream)."),
+    Field("bytes_out", pa.int64(), "Bytes from server to client (response body or TCP)."),
+    Field("mtls", pa.string(), "Transport security: 'mtls' | 'tls' | 'plaintext' | 'unknown'."),
+    Field("sni", pa.string(), "TLS server name requested by the client, if any."),
+    Field("upstream_cluster", pa.string(), "Envoy upstream cluster ('inbound|80||', 'outbound|..')."),
+    Field("request_id", pa.string(), "x-request-id, shared by both sides of one request."),
+    Field("user_agent", pa.string(), "HTTP User-Agent."),
+    Field("denied", pa.bool_(), "True when an existing policy rejected it (RBAC 403 / reset)."),
+    Field("denied_by", pa.string(), "The policy that rejected it, as the proxy named it."),
+    Field("source", pa.string(), "Reader that produced it ('istio-text', 'istio-json', ...)."),
+    Field("origin", pa.string(), "Evidence location: '<file>:<line>' (or '<file>:packet <n>')."),
+)
+
+FLOW_SCHEMA: pa.Schema = pa.schema(
+    [pa.field(f.name, f.type, nullable=True, metadata={"doc": f.doc}) for f in FIELDS],
+    metadata={"meshwright.schema_version": SCHEMA_VERSION},
+)
+
+FIELD_DOCS: dict[str, str] = {f.name: f.doc for f in FIELDS}
+
+
+def empty_batch() -> pa.RecordBatch:
+    """A batch with the flow schema and no rows."""
+    return pa.RecordBatch.from_pylist([], schema=FLOW_SCHEMA)
+
+
+def conform(table: pa.Table | pa.RecordBatch) -> pa.RecordBatch:
+    """Cast/extend ``table`` to exactly FLOW_SCHEMA: missing columns become nulls.
+
+    Readers build the columns they know and call this once per batch.
+    """
+    n = table.num_rows
+    columns = []
+    for f in FLOW_SCHEMA:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            if isinstance(col, pa.ChunkedArray):
+                col = col.combine_chunks()
+            if col.type != f.type:
+                col = col.cast(f.type)
+            columns.append(col)
+        else:
+            columns.append(pa.nulls(n, type=f.type))
+    return pa.RecordBatch.from_arrays(columns, schema=FLOW_SCHEMA)
+
+
+def schema_markdown() -> str:
+    """The schema as a Markdown table (used in the README and docs)."""
+    rows = ["| field | type | meaning |", "|---|---|---|"]
+    rows += [f"| `{f.name}` | {f.type} | {f.doc} |" for f in FIELDS]
+    return "\n".join(rows) + "\n"
