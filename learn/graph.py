@@ -1,0 +1,241 @@
+"""Streaming aggregation of resolved flow records into the communication graph.
+
+One edge per (source identity, destination workload, workload port, protocol). Batches are
+aggregated with pandas as they arrive and merged into per-edge accumulators, so memory grows
+with the number of edges and distinct path families, not with the number of flows.
+
+Both sides of a meshed request log it: the client's sidecar (outbound) and the server's
+(inbound). Counting both would double every request, so an outbound record is counted only
+when the server pod it reached wrote no inbound records in this dump (``inbound_reporters``);
+the server's view is preferred because only it can tell whether the request arrived over mTLS.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from learn.model import EXTERNAL, UNKNOWN, Edge, Graph, Node, Operation
+
+#: Per-edge cap on remembered client addresses; beyond it the edge is flagged as truncated.
+MAX_SOURCE_IPS = 1024
+#: Evidence samples (file:line) kept per edge.
+EVIDENCE_SAMPLES = 3
+
+EdgeKey = tuple[str, str, int, str]
+
+_COLUMNS = [
+    "time", "src_ip", "dst_port", "direction", "reporter", "src_workload", "dst_workload",
+    "protocol", "method", "path", "authority", "service_host", "status", "bytes_in",
+    "bytes_out", "mtls", "denied", "origin",
+]
+
+
+@dataclass
+class _EdgeAcc:
+    """Mutable per-edge totals while batches stream in."""
+
+    requests: int = 0
+    bytes: int = 0
+    mtls: Counter[str] = field(default_factory=Counter)
+    denied: int = 0
+    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
+    classes: Counter[str] = field(default_factory=Counter)
+    first: datetime | None = None
+    last: datetime | None = None
+    hours: set[int] = field(default_factory=set)
+    minutes: set[int] = field(default_factory=set)
+    source_ips: set[str] = field(default_factory=set)
+    source_ips_truncated: bool = False
+    hosts: set[str] = field(default_factory=set)
+    evidence: list[tuple[datetime, str]] = field(default_factory=list)
+
+
+def _status_class(status: pd.Series) -> pd.Series:
+    cls = (status.fillna(0).astype("int64") // 100).astype(str) + "xx"
+    return cls.where(status.fillna(0) > 0, "0")
+
+
+class GraphBuilder:
+    """Accumulates resolved flow batches (see ``learn.identity.IdentityResolver.resolve``)."""
+
+    def __init__(
+        self,
+        *,
+        inbound_reporters: Iterable[str] = (),
+        path_family: Callable[[str, str], str] | None = None,
+        families: Callable[[Mapping[str, int], str], dict[str, str]] | None = None,
+    ) -> None:
+        self.inbound_reporters = frozenset(inbound_reporters)
+        self._path_family = path_family or (lambda path, protocol: path)
+        self._families = families
+        self._family_cache: dict[tuple[str, str], str] = {}
+        self._edges: dict[EdgeKey, _EdgeAcc] = {}
+        self.records_seen = 0
+        self.records_counted = 0
+        #: Outbound records skipped because the server's own inbound record counts the request.
+        self.records_mirrored = 0
+        #: Records with no destination identity at all (not even unknown:<ip>).
+        self.records_unattributed = 0
+
+    # -- streaming -------------------------------------------------------------------------
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        self.records_seen += batch.num_rows
+        if batch.num_rows == 0:
+            return
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        keep = self._counted_mask(table)
+        self.records_mirrored += int(table.num_rows - pc.sum(keep).as_py())
+        table = table.filter(keep)
+        cols = [c for c in _COLUMNS if c in table.column_names]
+        frame = table.select(cols).to_pandas()
+        unattributed = frame["dst_workload"].isna() | (frame["dst_port"].isna())
+        self.records_unattributed += int(unattributed.sum())
+        frame = frame[~unattributed]
+        if frame.empty:
+            return
+        self.records_counted += len(frame)
+        frame = frame.assign(
+            src_workload=frame["src_workload"].fillna(
+                "unknown:" + frame["src_ip"].fillna("?").astype(str)
+            ),
+            dst_port=frame["dst_port"].astype("int64"),
+            protocol=frame["protocol"].fillna("tcp"),
+            bytes=frame["bytes_in"].fillna(0).astype("int64")
+            + frame["bytes_out"].fillna(0).astype("int64"),
+            mtls=frame["mtls"].fillna("unknown"),
+            denied=frame["denied"].fillna(False).astype(bool),
+            status_class=_status_class(frame["status"]),
+            hour=frame["time"].dt.hour,
+            minute=(frame["time"].astype("int64") // 60_000_000),
+        )
+        keys = ["src_workload", "dst_workload", "dst_port", "protocol"]
+        for key, group in frame.groupby(keys, sort=True, dropna=False):
+            self._merge(tuple(key), group)  # type: ignore[arg-type]
+
+    def _counted_mask(self, table: pa.Table) -> pa.ChunkedArray:
+        if "dst_pod" not in table.column_names or not self.inbound_reporters:
+            return pa.chunked_array([pa.array([True] * table.num_rows)])
+        outbound = pc.equal(table["direction"], "outbound")
+        mirrored = pc.and_(
+            outbound, pc.is_in(table["dst_pod"], value_set=pa.array(sorted(self.inbound_reporters)))
+        )
+        return pc.invert(pc.fill_null(mirrored, False))
+
+    def _family(self, path: str, protocol: str) -> str:
+        key = (path, protocol)
+        fam = self._family_cache.get(key)
+        if fam is None:
+            fam = self._path_family(path, protocol)
+            if len(self._family_cache) < 200_000:
+                self._family_cache[key] = fam
+        return fam
+
+    def _merge(self, key: EdgeKey, group: pd.DataFrame) -> None:
+        acc = self._edges.get(key)
+        if acc is None:
+            acc = self._edges[key] = _EdgeAcc()
+        acc.requests += len(group)
+        acc.bytes += int(group["bytes"].sum())
+        acc.mtls.update(group["mtls"].value_counts().to_dict())
+        allowed = group[~group["denied"]]
+        acc.denied += len(group) - len(allowed)
+        acc.classes.update(group["status_class"].value_counts().to_dict())
+        times = group["time"]
+        first, last = times.min().to_pydatetime(), times.max().to_pydatetime()
+        acc.first = first if acc.first is None else min(acc.first, first)
+        acc.last = last if acc.last is None else max(acc.last, last)
+        acc.hours.update(int(h) for h in group["hour"].unique())
+        acc.minutes.update(int(m) for m in group["minute"].unique())
+        protocol = key[3]
+        if protocol in ("http", "grpc") and not allowed.empty:
+            ops = allowed.groupby(
+                [allowed["method"].fillna("-"), allowed["path"].fillna("/")], sort=True
+            ).size()
+            for (method, path), count in ops.items():
+                acc.operations[(str(method), self._family(str(path), protocol))] += int(count)
+        weak = group[group["mtls"] != "mtls"]["src_ip"].dropna().unique()
+        for ip in sorted(str(x) for x in weak):
+            if len(acc.source_ips) >= MAX_SOURCE_IPS and ip not in acc.source_ips:
+                acc.source_ips_truncated = True
+                break
+            acc.source_ips.add(ip)
+        for column in ("authority", "service_host"):
+            if column in group:
+                acc.hosts.update(str(h) for h in group[column].dropna().unique()[:16])
+        sample = group.sort_values(["time", "origin"]).head(EVIDENCE_SAMPLES)
+        merged = acc.evidence + [
+            (t.to_pydatetime(), str(o)) for t, o in zip(sample["time"], sample["origin"], strict=True)
+        ]
+        acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, merged)
+
+    # -- result ----------------------------------------------------------------------------
+    def build(self, nodes: Callable[[str], Node], *, idle: Iterable[str] = (),
+              ambiguities: Iterable[str] = (), trust_domain: str = "cluster.local") -> Graph:
+        """The graph; ``nodes(id)`` describes each endpoint (``IdentityResolver.node``)."""
+        graph = Graph(trust_domain=trust_domain)
+        for (src, dst, port, protocol), acc in sorted(self._edges.items()):
+            graph.edges.append(self._edge(src, dst, port, protocol, acc))
+            for node_id in (src, dst):
+                if node_id not in graph.nodes:
+                    graph.nodes[node_id] = nodes(node_id)
+        for edge in graph.edges:
+            for node_id, ips in ((edge.source, edge.source_ips),):
+                node = graph.nodes[node_id]
+                if node.kind in (EXTERNAL, UNKNOWN) or node.meshed is False:
+                    node.ips = sorted(set(node.ips) | set(ips))
+        firsts = [e.first_seen for e in graph.edges if e.first_seen]
+        lasts = [e.last_seen for e in graph.edges if e.last_seen]
+        graph.first_seen = min(firsts) if firsts else None
+        graph.last_seen = max(lasts) if lasts else None
+        receiving = {e.destination for e in graph.edges if e.requests > e.denied_requests}
+        graph.idle_workloads = sorted(set(idle) - receiving)
+        graph.ambiguities = sorted(set(ambiguities))
+        graph.namespaces = sorted(
+            {n.namespace for n in graph.nodes.values() if n.namespace}
+        )
+        return graph
+
+    def _edge(self, src: str, dst: str, port: int, protocol: str, acc: _EdgeAcc) -> Edge:
+        operations = acc.operations
+        if self._families is not None and operations:
+            # Second pass over the families of this edge: collapse crowded prefixes.
+            per_path: Counter[str] = Counter()
+            for (_, path), count in operations.items():
+                per_path[path] += count
+            mapping = self._families(per_path, protocol)
+            collapsed: Counter[tuple[str, str]] = Counter()
+            for (method, path), count in operations.items():
+                collapsed[(method, mapping.get(path, path))] += count
+            operations = collapsed
+        return Edge(
+            source=src,
+            destination=dst,
+            port=int(port),
+            protocol=protocol,
+            requests=acc.requests,
+            bytes=acc.bytes,
+            mtls_requests=acc.mtls.get("mtls", 0),
+            plaintext_requests=acc.mtls.get("plaintext", 0),
+            tls_requests=acc.mtls.get("tls", 0),
+            unknown_tls_requests=acc.mtls.get("unknown", 0),
+            denied_requests=acc.denied,
+            operations=[
+                Operation(method=m, path=p, requests=c) for (m, p), c in sorted(operations.items())
+            ],
+            response_classes=dict(sorted(acc.classes.items())),
+            first_seen=acc.first,
+            last_seen=acc.last,
+            hours=sorted(acc.hours),
+            active_minutes=len(acc.minutes),
+            source_ips=sorted(acc.source_ips),
+            hosts=sorted(acc.hosts),
+            evidence=[o for _, o in acc.evidence],
+        )

@@ -1,0 +1,171 @@
+"""The ``meshwright`` command: argument parsing, progress, messages and exit codes.
+
+This package is the only code that prints or exits; everything below it raises
+``observe.errors.MeshwrightError`` subclasses that carry their origin and a hint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from meshwright import __version__
+from observe.errors import MeshwrightError
+
+#: Documented exit codes (README "Exit codes").
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_NO_FLOWS = 4
+EXIT_INTERRUPTED = 130
+
+EPILOG_ANALYZE = """\
+examples:
+  meshwright analyze samples/bookinfo -o out/
+      everything in the directory is recognised by content: logs, inventory, flow files
+  meshwright analyze logs/ --inventory cluster.json --trust-domain prod.example -o out/
+  kubectl logs deploy/reviews-v1 -c istio-proxy | meshwright analyze - --inventory cluster.json -o out/
+  meshwright analyze flows.parquet --inventory cluster.json --plaintext deny -o out/
+  meshwright analyze logs/ --kube --context prod -o out/     (inventory from the live API)
+
+outputs (OUT/): policies/<namespace>/<kind>-<name>.yaml, graph.json, findings.json,
+report.md, flows.parquet.  Exit codes: 0 ok, 2 usage, 3 bad input, 4 no flows found,
+1 internal error.
+"""
+
+EPILOG_OBSERVE = """\
+examples:
+  meshwright observe dump/ -o flows.parquet
+  zcat istio-proxy.log.gz | meshwright observe - -o flows.parquet
+  meshwright observe app.log --envoy-format '[%START_TIME%] %REQ(:METHOD)% ...' -o flows.parquet
+
+Later: meshwright analyze flows.parquet --inventory cluster.json -o out/
+"""
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="log files, directories (walked recursively), flow files, inventory dumps, "
+        "or - for stdin; recognised by content (plain/gzip; kubectl logs, CRI, shipper JSON)",
+    )
+    parser.add_argument(
+        "--envoy-format", metavar="FORMAT",
+        help="Envoy access-log format string the proxies were configured with, if it is "
+        "not Istio's default TEXT or JSON",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="do not show progress on stderr"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks for internal errors"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshwright",
+        description="Learn how services really talk from proxy logs and cluster inventory, "
+        "and propose least-privilege zero-trust policies for review.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshwright {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="observe + learn + emit: policies, graph, findings and a review report",
+        description="Read evidence (access logs, flow files) and the cluster inventory, learn "
+        "the communication graph and write least-privilege policies and a report to OUT.",
+        epilog=EPILOG_ANALYZE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input_options(analyze)
+    analyze.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    analyze.add_argument(
+        "--inventory", action="append", default=[], metavar="PATH",
+        help="inventory dump (kubectl get ... -A -o json, or YAML manifests); repeatable",
+    )
+    analyze.add_argument(
+        "--kube", action="store_true",
+        help="also read the inventory from the live Kubernetes API (kubeconfig or in-cluster)",
+    )
+    analyze.add_argument("--context", help="kubeconfig context for --kube")
+    analyze.add_argument("--kubeconfig", help="kubeconfig file for --kube")
+    analyze.add_argument(
+        "--mesh", action="append", choices=["istio"], default=None,
+        help="policy flavour to emit (default: istio)",
+    )
+    analyze.add_argument(
+        "--trust-domain", default="cluster.local", metavar="D",
+        help="mesh trust domain for SPIFFE principals (default: cluster.local)",
+    )
+    analyze.add_argument(
+        "--plaintext", choices=["allow", "deny"], default="allow",
+        help="clients seen without mTLS: 'allow' them by source address with a port-level "
+        "PERMISSIVE exception (default, reported as weak), or 'deny' (leave them out)",
+    )
+    analyze.add_argument(
+        "--dry-run-annotation", action="store_true",
+        help="add istio.io/dry-run: \"true\" to AuthorizationPolicies (staging)",
+    )
+
+    observe = sub.add_parser(
+        "observe",
+        help="observe only: turn evidence into flow records (Parquet)",
+        description="Parse evidence into meshwright flow records and write them to Parquet, "
+        "to be learned from later with 'meshwright analyze FLOWS.parquet'.",
+        epilog=EPILOG_OBSERVE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input_options(observe)
+    observe.add_argument(
+        "-o", "--output", required=True, metavar="FLOWS", help="Parquet file to write"
+    )
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else (
+        logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    )
+    logging.basicConfig(level=level, format="meshwright: %(levelname)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    from meshwright import commands  # deferred: keeps --help fast
+
+    try:
+        if args.command == "analyze":
+            return commands.analyze(args)
+        return commands.observe(args)
+    except MeshwrightError as exc:
+        print(f"meshwright: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("meshwright: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # a bug: one line, traceback on request
+        if args.debug:
+            raise
+        print(
+            f"meshwright: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for a traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
