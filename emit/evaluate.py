@@ -208,6 +208,12 @@ def _applies(obj: Mapping[str, Any], req: Request, root_namespace: str) -> bool:
     return not selector or all(req.labels.get(k) == v for k, v in selector.items())
 
 
+def _dry_run(obj: Mapping[str, Any]) -> bool:
+    """Dry-run policies are logged by the proxy, never enforced."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get("istio.io/dry-run") == "true")
+
+
 def _name(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"
@@ -243,8 +249,7 @@ def evaluate(manifests: Sequence[Mapping[str, Any]], req: Request,
     policies = [
         m for m in manifests
         if m.get("kind") == "AuthorizationPolicy" and _applies(m, req, root_namespace)
-        and not ((m.get("metadata") or {}).get("annotations") or {}).get("istio.io/dry-run")
-        == "true"
+        and not _dry_run(m)
     ]
     tcp = req.protocol == "tcp"
     for policy in policies:

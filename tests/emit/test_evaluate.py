@@ -50,7 +50,8 @@ def test_bookinfo_http_policies() -> None:
     assert evaluate(policies, req("productpage", "GET", None)).allowed
     assert not evaluate(policies, req("productpage", "POST", None)).allowed
     assert evaluate(policies, req("details", "GET", product_sa)).allowed
-    assert not evaluate(policies, req("details", "GET", "cluster.local/ns/default/sa/other")).allowed
+    other_sa = "cluster.local/ns/default/sa/other"
+    assert not evaluate(policies, req("details", "GET", other_sa)).allowed
     assert not evaluate(policies, req("ratings", "GET", product_sa)).allowed
     # allow-nothing covers workloads without their own policy
     assert not evaluate(policies, req("mongodb", "GET", product_sa)).allowed
