@@ -118,7 +118,7 @@ class GraphBuilder:
         )
         keys = ["src_workload", "dst_workload", "dst_port", "protocol"]
         for key, group in frame.groupby(keys, sort=True, dropna=False):
-            self._merge(tuple(key), group)  # type: ignore[arg-type]
+            self._merge((str(key[0]), str(key[1]), int(key[2]), str(key[3])), group)
 
     def _counted_mask(self, table: pa.Table) -> pa.ChunkedArray:
         if "dst_pod" not in table.column_names or not self.inbound_reporters:
@@ -171,9 +171,8 @@ class GraphBuilder:
             if column in group:
                 acc.hosts.update(str(h) for h in group[column].dropna().unique()[:16])
         sample = group.sort_values(["time", "origin"]).head(EVIDENCE_SAMPLES)
-        merged = acc.evidence + [
-            (t.to_pydatetime(), str(o)) for t, o in zip(sample["time"], sample["origin"], strict=True)
-        ]
+        samples = zip(sample["time"], sample["origin"], strict=True)
+        merged = acc.evidence + [(t.to_pydatetime(), str(o)) for t, o in samples]
         acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, merged)
 
     # -- result ----------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Graph aggregation: counting each request once, edges keyed by identity and workload port."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from learn.graph import GraphBuilder
+from learn.model import Node
+from observe.schema import FLOW_SCHEMA, conform
+
+T0 = datetime(2025, 1, 30, 10, 0, tzinfo=UTC)
+
+
+def _batch(rows: list[dict[str, Any]], with_pods: bool = True) -> pa.RecordBatch:
+    base = {
+        "transport": "tcp", "protocol": "http", "http_version": "HTTP/1.1", "status": 200,
+        "bytes_in": 0, "bytes_out": 100, "mtls": "mtls", "denied": False, "source": "test",
+    }
+    full = [{**base, **r} for r in rows]
+    batch = conform(pa.Table.from_pylist(
+        [{k: v for k, v in r.items() if k in FLOW_SCHEMA.names} for r in full]
+    ))
+    if not with_pods:
+        return batch
+    table = pa.Table.from_batches([batch])
+    table = table.append_column("src_pod", pa.array([r.get("src_pod") for r in full], pa.string()))
+    table = table.append_column("dst_pod", pa.array([r.get("dst_pod") for r in full], pa.string()))
+    return table.to_batches()[0]
+
+
+def _node(node_id: str) -> Node:
+    ns, _, name = node_id.partition("/")
+    return Node(id=node_id, kind="Deployment", namespace=ns, workload=name, meshed=True)
+
+
+def _req(i: int, **kw: Any) -> dict[str, Any]:
+    row = {
+        "time": T0 + timedelta(minutes=i), "src_ip": "10.0.0.1", "src_port": 40000 + i,
+        "dst_ip": "10.0.0.2", "dst_port": 9080, "direction": "inbound",
+        "reporter": "bookinfo/details-v1-abc", "src_workload": "bookinfo/productpage-v1",
+        "dst_workload": "bookinfo/details-v1", "dst_pod": "bookinfo/details-v1-abc",
+        "method": "GET", "path": f"/details/{i}", "origin": f"details.log:{i + 1}",
+    }
+    row.update(kw)
+    return row
+
+
+def test_request_seen_by_both_sidecars_counts_once() -> None:
+    inbound = [_req(i) for i in range(3)]
+    outbound = [_req(i, direction="outbound", reporter="bookinfo/productpage-v1-x",
+                     origin=f"productpage.log:{i + 1}") for i in range(3)]
+    builder = GraphBuilder(inbound_reporters={"bookinfo/details-v1-abc"},
+                           path_family=lambda p, proto: p.rsplit("/", 1)[0] + "/*")
+    builder.add(_batch(inbound + outbound))
+    graph = builder.build(_node)
+    assert builder.records_mirrored == 3
+    [edge] = graph.edges
+    assert edge.requests == 3
+    assert edge.mtls == "full"
+    assert [(o.method, o.path, o.requests) for o in edge.operations] == [("GET", "/details/*", 3)]
+    assert edge.evidence == ["details.log:1", "details.log:2", "details.log:3"]
+
+
+def test_outbound_counts_when_server_did_not_report() -> None:
+    outbound = [_req(i, direction="outbound", mtls="unknown") for i in range(2)]
+    builder = GraphBuilder(inbound_reporters={"bookinfo/other-pod"})
+    builder.add(_batch(outbound))
+    [edge] = builder.build(_node).edges
+    assert edge.requests == 2 and edge.mtls == "unknown"
+
+
+def test_edges_split_by_port_protocol_and_denials_kept_out_of_operations() -> None:
+    rows = [
+        _req(0),
+        _req(1, dst_port=3306, protocol="tcp", method=None, path=None),
+        _req(2, method="DELETE", path="/details/9", denied=True, status=403),
+        _req(3, mtls="plaintext", src_ip="10.9.9.9"),
+    ]
+    builder = GraphBuilder()
+    builder.add(_batch(rows, with_pods=False))
+    graph = builder.build(_node, idle=["bookinfo/details-v1", "bookinfo/ratings-v1"])
+    tcp, http = sorted(graph.edges, key=lambda e: e.port)
+    assert (http.port, http.protocol, http.requests, http.denied_requests) == (9080, "http", 3, 1)
+    assert "DELETE" not in http.methods
+    assert http.response_classes == {"2xx": 2, "4xx": 1}
+    assert http.mtls == "partial" and http.plaintext_requests == 1
+    assert http.source_ips == ["10.9.9.9"]
+    assert (tcp.port, tcp.protocol, tcp.operations) == (3306, "tcp", [])
+    assert graph.idle_workloads == ["bookinfo/ratings-v1"]
+    assert graph.first_seen == T0 and graph.last_seen == T0 + timedelta(minutes=3)
+
+
+def test_streaming_batches_equal_one_batch() -> None:
+    rows = [_req(i, path=f"/d/{i % 4}", hour=0) for i in range(40)]
+    one = GraphBuilder()
+    one.add(_batch(rows))
+    many = GraphBuilder()
+    for i in range(0, 40, 7):
+        many.add(_batch(rows[i:i + 7]))
+    assert one.build(_node).edges == many.build(_node).edges
