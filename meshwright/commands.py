@@ -21,6 +21,8 @@ from observe.pipeline import InputPlan, ObserveOptions, ObserveStats, iter_flows
 
 EXIT_OK = 0
 EXIT_NO_FLOWS = 4
+#: Namespaces that never get namespace-wide policies (control-plane traffic is not logged).
+SYSTEM_NAMESPACES = frozenset({"istio-system", "kube-system"})
 
 
 class Progress:
@@ -153,7 +155,8 @@ def analyze(args: argparse.Namespace) -> int:
     )
     findings = find(graph)
     manifests = istio_manifests(
-        graph, plaintext=args.plaintext, dry_run=args.dry_run_annotation
+        graph, plaintext=args.plaintext, dry_run=args.dry_run_annotation,
+        system_namespaces=SYSTEM_NAMESPACES,
     )
     outputs.write_policies(manifests, out)
     outputs.write_json(out / "graph.json", outputs.graph_json(graph))
@@ -166,11 +169,13 @@ def analyze(args: argparse.Namespace) -> int:
     text = report.render_report(
         graph, findings, manifests,
         stats={**stats.to_dict(), **learn_stats},
-        excluded=report.excluded_items(graph, plaintext=args.plaintext),
+        excluded=report.excluded_items(
+            graph, plaintext=args.plaintext, system_namespaces=SYSTEM_NAMESPACES
+        ),
         options={"trust_domain": args.trust_domain, "plaintext": args.plaintext,
-                 "dry_run": args.dry_run_annotation},
+                 "dry_run": args.dry_run_annotation, "system_namespaces": SYSTEM_NAMESPACES},
     )
-    (out / "report.md").write_text(text, encoding="utf-8")
+    outputs.write_text_atomic(out / "report.md", text)
     by_severity: dict[str, int] = {}
     for f in findings:
         by_severity[f.severity] = by_severity.get(f.severity, 0) + 1

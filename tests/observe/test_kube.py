@@ -1,0 +1,299 @@
+"""observe.kube against a local HTTP server speaking the real list endpoints (no client mocks)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from observe.errors import InventoryError
+from observe.kube import PAGE_SIZE, load_live_inventory
+
+FIX = Path(__file__).with_name("k8s_fixtures.py")
+
+
+def _fixtures() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("k8s_fixtures", FIX)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+K = _fixtures()
+
+PATHS = {
+    "/api/v1/namespaces": "NamespaceList",
+    "/api/v1/pods": "PodList",
+    "/api/v1/services": "ServiceList",
+    "/api/v1/serviceaccounts": "ServiceAccountList",
+    "/apis/apps/v1/replicasets": "ReplicaSetList",
+    "/apis/apps/v1/deployments": "DeploymentList",
+    "/apis/apps/v1/statefulsets": "StatefulSetList",
+    "/apis/apps/v1/daemonsets": "DaemonSetList",
+    "/apis/batch/v1/jobs": "JobList",
+    "/apis/batch/v1/cronjobs": "CronJobList",
+}
+
+
+class FakeApiServer:
+    """Serves ``{path: [objects]}`` as the API server does, with limit/continue pagination."""
+
+    def __init__(self, objects: dict[str, list[dict[str, Any]]]) -> None:
+        self.objects = objects
+        self.requests: list[tuple[str, dict[str, list[str]], str | None]] = []
+        #: path -> (status, body) to answer instead of the list (once per entry).
+        self.failures: dict[str, list[tuple[int, bytes]]] = {}
+        #: paths whose first request carrying a continue token gets 410 Gone.
+        self.expire_continue: set[str] = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                server.requests.append((url.path, query, self.headers.get("Authorization")))
+                queue = server.failures.get(url.path)
+                if queue:
+                    status, body = queue.pop(0)
+                    self._send(status, body)
+                    return
+                if url.path in server.expire_continue and "continue" in query:
+                    server.expire_continue.discard(url.path)
+                    self._send(410, _status(410, "Expired", "The provided continue parameter is "
+                                            "too old to display a consistent list result."))
+                    return
+                path = url.path
+                ns = None
+                parts = path.split("/")
+                if "namespaces" in parts and parts.index("namespaces") + 2 < len(parts):
+                    i = parts.index("namespaces")
+                    ns = parts[i + 1]
+                    path = "/".join(parts[:i] + parts[i + 2:])
+                elif "namespaces" in parts and parts.index("namespaces") + 2 == len(parts):
+                    name = parts[-1]
+                    found = [o for o in server.objects.get("/api/v1/namespaces", [])
+                             if o["metadata"]["name"] == name]
+                    if not found:
+                        self._send(404, _status(404, "NotFound", f'namespaces "{name}" not found'))
+                        return
+                    self._send(200, json.dumps({"kind": "Namespace", "apiVersion": "v1",
+                                                **found[0]}).encode())
+                    return
+                if path not in PATHS:
+                    self._send(404, _status(404, "NotFound", "the server could not find the "
+                                            "requested resource"))
+                    return
+                items = server.objects.get(path, [])
+                if ns is not None:
+                    items = [o for o in items if o["metadata"].get("namespace") == ns]
+                limit = int(query.get("limit", ["0"])[0]) or len(items) or 1
+                offset = int(query.get("continue", ["0"])[0])
+                page = items[offset:offset + limit]
+                more = offset + limit < len(items)
+                group = "v1" if path.startswith("/api/") else "/".join(path.split("/")[2:4])
+                listing: dict[str, Any] = {"kind": PATHS[path], "apiVersion": group,
+                        "metadata": {"resourceVersion": "4242",
+                                     **({"continue": str(offset + limit)} if more else {})},
+                        "items": [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
+                                  for o in page]}
+                self._send(200, json.dumps(listing).encode())
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeApiServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _status(code: int, reason: str, message: str) -> bytes:
+    return json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                       "status": "Failure", "message": message, "reason": reason,
+                       "code": code}).encode()
+
+
+def _kubeconfig(tmp_path: Path, server: str) -> str:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: test\n  cluster:\n    server: {server}\n"
+        "users:\n- name: tester\n  user:\n    token: s3cret-token\n"
+        "contexts:\n- name: test\n  context:\n    cluster: test\n    user: tester\n"
+        "current-context: test\n",
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def _cluster() -> dict[str, list[dict[str, Any]]]:
+    deploy = K.deployment("reviews-v1", {"app": "reviews", "version": "v1"},
+                          service_account="bookinfo-reviews")
+    rs = K.replicaset_for(deploy)
+    # More pods than one page so pagination is exercised.
+    pods = K.pods_for(deploy, [f"10.244.1.{i}" for i in range(1, PAGE_SIZE + 8)])
+    sts_pod = K.pod("web-0", namespace="shop", ip="10.244.2.9", labels={"app": "web"},
+                    owner=K.owner_ref("StatefulSet", "web"))
+    sts = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+           "metadata": {"name": "web", "namespace": "shop", "uid": K.uid("sts/web")},
+           "spec": {"selector": {"matchLabels": {"app": "web"}}, "serviceName": "web",
+                    "template": {"metadata": {"labels": {"app": "web"}},
+                                 "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}
+    cron = {"apiVersion": "batch/v1", "kind": "CronJob",
+            "metadata": {"name": "backup", "namespace": "shop", "uid": K.uid("cj/backup")},
+            "spec": {"schedule": "*/5 * * * *", "jobTemplate": {"spec": {"template": {
+                "metadata": {"labels": {"app": "backup"}},
+                "spec": {"restartPolicy": "OnFailure",
+                         "containers": [{"name": "b", "image": "busybox"}]}}}}}}
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "backup-28570000", "namespace": "shop", "uid": K.uid("job/b"),
+                        "ownerReferences": [K.owner_ref("CronJob", "backup", "batch/v1")]},
+           "spec": {"template": {"metadata": {"labels": {"app": "backup"}},
+                                 "spec": {"restartPolicy": "OnFailure",
+                                          "containers": [{"name": "b", "image": "busybox"}]}}}}
+    return {
+        "/api/v1/namespaces": [
+            {"metadata": {"name": "default", "labels": {"istio-injection": "enabled"}}},
+            {"metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}},
+        ],
+        "/api/v1/pods": [*pods, sts_pod],
+        "/api/v1/services": [K.service("reviews", {"app": "reviews"},
+                                       [{"name": "http", "port": 9080, "protocol": "TCP",
+                                         "targetPort": "http"}], cluster_ip="10.96.0.20")],
+        "/api/v1/serviceaccounts": [{"metadata": {"name": "bookinfo-reviews",
+                                                  "namespace": "default"}}],
+        "/apis/apps/v1/replicasets": [rs],
+        "/apis/apps/v1/deployments": [deploy],
+        "/apis/apps/v1/statefulsets": [sts],
+        "/apis/apps/v1/daemonsets": [],
+        "/apis/batch/v1/jobs": [job],
+        "/apis/batch/v1/cronjobs": [cron],
+    }
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with FakeApiServer(_cluster()) as server:
+        yield server
+
+
+def test_lists_every_kind_with_pagination(api: FakeApiServer, tmp_path: Path) -> None:
+    inv = load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+    assert len(inv.pods) == PAGE_SIZE + 8
+    reviews = [p for p in inv.pods if p.namespace == "default"]
+    assert {p.workload for p in reviews} == {("Deployment", "reviews-v1")}
+    web = next(p for p in inv.pods if p.name == "web-0")
+    assert web.workload == ("StatefulSet", "web") and web.ips == ("10.244.2.9",)
+    assert ("shop", "CronJob", "backup") in inv.workloads
+    assert ("shop", "Job", "backup-28570000") not in inv.workloads
+    assert inv.namespaces["default"] == {"istio-injection": "enabled"}
+    assert ("default", "bookinfo-reviews") in inv.service_accounts
+    svc = inv.services[("default", "reviews")]
+    assert inv.resolve_target_port(svc, 9080) == 8080  # named "http" via the pods' ports
+    # pagination: the pod list took two pages, the second with the continue token
+    pod_requests = [q for path, q, _ in api.requests if path == "/api/v1/pods"]
+    assert [q.get("continue") for q in pod_requests] == [None, [str(PAGE_SIZE)]]
+    assert all(q["limit"] == [str(PAGE_SIZE)] for q in pod_requests)
+    assert {auth for _, _, auth in api.requests} == {"Bearer s3cret-token"}
+    for path in PATHS:
+        assert any(p == path for p, _, _ in api.requests), path
+
+
+def test_namespaced_listing(api: FakeApiServer, tmp_path: Path) -> None:
+    inv = load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url), namespaces=["shop"])
+    assert [p.name for p in inv.pods] == ["web-0"]
+    assert set(inv.namespaces) == {"shop"}
+    paths = {p for p, _, _ in api.requests}
+    assert "/api/v1/namespaces/shop/pods" in paths and "/api/v1/pods" not in paths
+    assert "/api/v1/namespaces/shop" in paths
+
+
+def test_missing_namespace_is_an_error(api: FakeApiServer, tmp_path: Path) -> None:
+    with pytest.raises(InventoryError, match="not found") as err:
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url), namespaces=["nope"])
+    assert err.value.origin == api.url
+
+
+def test_forbidden_names_rbac(api: FakeApiServer, tmp_path: Path) -> None:
+    api.failures["/api/v1/pods"] = [(403, _status(
+        403, "Forbidden", 'pods is forbidden: User "system:serviceaccount:default:x" cannot '
+        'list resource "pods" in API group "" at the cluster scope'))]
+    with pytest.raises(InventoryError) as err:
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+    assert "forbidden listing pods (HTTP 403)" in str(err.value)
+    assert "cannot list resource" in err.value.message
+    assert err.value.hint is not None and "list" in err.value.hint
+    assert "pods" in err.value.hint and "cronjobs" in err.value.hint
+    assert isinstance(err.value.__cause__, Exception)
+
+
+def test_unauthorized(api: FakeApiServer, tmp_path: Path) -> None:
+    api.failures["/api/v1/namespaces"] = [(401, _status(401, "Unauthorized", "Unauthorized"))]
+    with pytest.raises(InventoryError, match="unauthorized") as err:
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+    assert err.value.hint is not None and "credentials" in err.value.hint
+
+
+def test_server_error(api: FakeApiServer, tmp_path: Path) -> None:
+    # Two 500s: the client retries once at most, so the error must surface.
+    api.failures["/apis/apps/v1/deployments"] = [(500, b"internal error")] * 3
+    with pytest.raises(InventoryError, match=r"HTTP 500") as err:
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+    assert "deployments" in err.value.message
+
+
+def test_expired_continue_token_relists(api: FakeApiServer, tmp_path: Path) -> None:
+    api.expire_continue.add("/api/v1/pods")
+    inv = load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+    assert len(inv.pods) == PAGE_SIZE + 8  # no duplicates from the abandoned first pass
+    pod_requests = [q.get("continue") for p, q, _ in api.requests if p == "/api/v1/pods"]
+    assert pod_requests == [None, [str(PAGE_SIZE)], None, [str(PAGE_SIZE)]]
+
+
+def test_malformed_json(api: FakeApiServer, tmp_path: Path) -> None:
+    api.failures["/api/v1/services"] = [(200, b'{"kind": "ServiceList", "items": [')]
+    with pytest.raises(InventoryError, match="malformed response listing services"):
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, api.url))
+
+
+def test_connection_refused_names_server(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(InventoryError, match="cannot reach") as err:
+        load_live_inventory(kubeconfig=_kubeconfig(tmp_path, url))
+    assert err.value.origin == url
+    assert err.value.hint is not None and url in err.value.hint
+
+
+def test_bad_kubeconfig(tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text("apiVersion: v1\nkind: Config\ncontexts: []\n", encoding="utf-8")
+    with pytest.raises(InventoryError, match="configuration") as err:
+        load_live_inventory(kubeconfig=str(path), context="missing")
+    assert err.value.origin == str(path)
