@@ -1,0 +1,272 @@
+"""Map parsed Envoy/Istio access-log fields to flow records (:data:`observe.schema.FLOW_SCHEMA`).
+
+Everything is vectorized with pyarrow compute; no Python loop per row.
+
+Direction (which proxy side wrote the line) comes from ``upstream_cluster``: ``inbound|..``,
+``inbound-vip|..`` (waypoints) and ``InboundPassthroughCluster*`` are server-side lines;
+``outbound|..``, ``PassthroughCluster`` and ``BlackHoleCluster`` client-side lines; anything else
+is ``unknown``.
+
+Orientation is client -> server whichever side logged it:
+
+* inbound (sidecar): src = ``downstream_remote_address`` (the client), dst = dialed =
+  ``downstream_local_address`` (the pod IP and the workload port, i.e. the targetPort).
+* inbound-vip (waypoint): the waypoint received the request on the Service VIP, so dialed =
+  ``downstream_local_address`` (VIP:port) and dst = the endpoint in ``upstream_host``
+  (``envoy://connect_originate/<pod-ip>:<port>``); src = ``downstream_remote_address``.
+* outbound: src = ``upstream_local_address`` (the proxy's own pod IP and the ephemeral port the
+  server side sees as its downstream remote; falls back to ``downstream_remote_address`` when
+  not logged), dst = ``upstream_host`` (endpoint pod IP:targetPort; ``downstream_local_address``
+  when ``-``), dialed = ``downstream_local_address`` (often the Service ClusterIP:port).
+
+Addresses may be ``ip:port``, ``[ipv6]:port`` or ``scheme://name/ip:port``; anything without an
+IP (``envoy://internal_client_address/``) becomes null.
+
+Gateways: an outbound line whose ``downstream_remote`` IP differs from its ``upstream_local``
+IP was written by a proxy forwarding someone else's traffic (ingress/egress gateway). Besides
+the outbound record (gateway -> upstream) a second record is emitted right after it for the
+downstream leg: direction ``inbound``, src = ``downstream_remote`` (the gateway's client), dst =
+dialed = ``downstream_local`` (the gateway pod and its listen port), same request fields, mTLS
+judged from the SNI like any server-side line. When ``upstream_local`` is ``-`` (pre-1.9 lines
+often) a gateway cannot be told from a sidecar and only the outbound record is written.
+
+mTLS (only the server side can tell): inbound + SNI ``outbound_.<port>_.<subset>_.<fqdn>``
+(Istio's mTLS SNI) = ``mtls``; other SNI = ``tls``; no SNI = ``plaintext``. Waypoint lines are
+``unknown``: their listener sits behind the HBONE tunnel and logs no SNI either way. Client-side
+lines are ``unknown`` (the client proxy does not log its upstream TLS), except opaque TCP with
+an SNI that is not Istio's: the application itself spoke TLS, so ``tls``.
+
+Protocol: a ``-`` method, path or protocol means a TCP proxy line (``"- - -"``) -> ``tcp``;
+HTTP/2 POST whose path looks like ``/package.Service/Method`` or whose user agent starts with
+``grpc-`` -> ``grpc`` (heuristic: content-type is not logged by default); else ``http``.
+
+Denials: ``response_code_details`` (HTTP) or ``connection_termination_details`` (TCP, Envoy's
+network RBAC filter, envoyproxy/envoy#13305) starting with ``rbac_access_denied`` marks the
+record denied; ``denied_by`` is the bracketed part: ``ns[NS]-policy[NAME]-rule[N]`` or ``none``
+(no ALLOW policy matched). Only the server side that enforced it logs this; the client side
+sees a plain upstream 403 (``via_upstream``).
+
+``service_host``: the FQDN of ``outbound|port|subset|fqdn`` / ``inbound-vip|port|http|fqdn``,
+else of an Istio SNI, else (Passthrough/BlackHole clusters and gateway legs) the authority's
+host or the SNI.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from observe.schema import conform
+
+log = logging.getLogger(__name__)
+
+_STR = pa.string()
+_ADDR_RE = (
+    r"^(?:[a-z][a-z0-9+.-]*://(?:[^/]*/)?)?"
+    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<ip4>\d{1,3}(?:\.\d{1,3}){3}))"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
+_CLUSTER_RE = r"^(?:outbound|inbound-vip)\|(?P<port>[^|]*)\|(?P<subset>[^|]*)\|(?P<host>[^|]+)$"
+# Istio's mTLS SNI: outbound_.<port>_.<subset>_.<fqdn> (pilot networking util BuildDNSSrvSubsetKey)
+_SNI_RE = r"^outbound_\.(?P<port>\d+)_\.(?P<subset>[^_]*)_\.(?P<host>.+)$"
+_AUTHORITY_RE = r"^(?P<host>\[[^\]]*\]|[^:]+)(?::\d+)?$"
+_GRPC_PATH_RE = r"^/[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+/[A-Za-z_][A-Za-z0-9_]*$"
+_DENIED_RE = r"^rbac_access_denied_matched_policy\[(?P<policy>.*)\]$"
+_ISO_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
+_EPOCH_RE = r"^\d{9,11}(\.\d+)?$"
+
+
+def _col(fields: pa.Table, name: str) -> pa.Array:
+    if name not in fields.column_names:
+        return pa.nulls(fields.num_rows, _STR)
+    col = fields.column(name).combine_chunks()
+    return col.cast(_STR) if col.type != _STR else col
+
+
+def _mask(arr: pa.Array) -> pa.Array:
+    """Boolean array with nulls as False."""
+    return pc.fill_null(arr, False)
+
+
+def _group(arr: pa.Array, pattern: str, name: str) -> pa.Array:
+    """Named group of ``pattern`` in each value; null where no match or empty."""
+    st = pc.extract_regex(arr, pattern)
+    val = pc.struct_field(st, name)
+    # Non-matching rows come back as a null struct whose children hold ''.
+    return pc.if_else(_mask(pc.and_(st.is_valid(), pc.not_equal(val, ""))), val, None)
+
+
+def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
+    st = pc.extract_regex(arr, _ADDR_RE)
+    ok = st.is_valid()
+    ip6, ip4, port = (pc.struct_field(st, f) for f in ("ip6", "ip4", "port"))
+    ip = pc.if_else(_mask(pc.not_equal(ip6, "")), ip6, ip4)
+    ip = pc.if_else(_mask(pc.and_(ok, pc.not_equal(ip, ""))), ip, None)
+    port = pc.if_else(_mask(pc.and_(ok, pc.not_equal(port, ""))), port, None)
+    return ip, port.cast(pa.int32())
+
+
+def _int(arr: pa.Array, typ: pa.DataType) -> pa.Array:
+    # The parser guarantees digits or null for these fields; guard anyway for other inputs.
+    ok = _mask(pc.ascii_is_decimal(arr))
+    return pc.if_else(ok, arr, None).cast(typ)
+
+
+def _time(arr: pa.Array) -> pa.Array:
+    """%START_TIME% values: RFC3339 (Envoy's default) or epoch seconds (``%s.%3f`` formats)."""
+    ts_type = pa.timestamp("us", tz="UTC")
+    iso = _mask(pc.match_substring_regex(arr, _ISO_RE))
+    out = pc.if_else(iso, arr, None).cast(ts_type)
+    epoch = _mask(pc.match_substring_regex(arr, _EPOCH_RE))
+    if pc.any(epoch).as_py():
+        secs = pc.if_else(epoch, arr, None).cast(pa.float64())
+        micros = pc.round(pc.multiply(secs, 1e6)).cast(pa.int64()).cast(ts_type)
+        out = pc.if_else(epoch, micros, out)
+    return out
+
+
+def _const(n: int, value: str) -> pa.Array:
+    return pa.array(np.full(n, value, dtype=object), _STR) if n else pa.array([], _STR)
+
+
+def to_flows(
+    fields: pa.Table,
+    *,
+    reporter: pa.Array | None,
+    origin: pa.Array,
+    source: str,
+) -> pa.RecordBatch:
+    """Flow records (FLOW_SCHEMA) for parsed Envoy fields (one row per line, '-' already null).
+
+    ``reporter`` is '<ns>/<pod>' of the proxy that wrote each line (or None), ``origin`` the
+    'file:line' of each row. Gateway lines yield two records (see the module docstring).
+    """
+    n = fields.num_rows
+    if len(origin) != n or (reporter is not None and len(reporter) != n):
+        raise ValueError("origin/reporter must have one entry per row of fields")
+    uc = _col(fields, "upstream_cluster")
+    sni = _col(fields, "requested_server_name")
+    method, path, proto = (_col(fields, c) for c in ("method", "path", "protocol"))
+    ua = _col(fields, "user_agent")
+    authority = _col(fields, "authority")
+    rcd = _col(fields, "response_code_details")
+    ctd = _col(fields, "connection_termination_details")
+
+    inbound_sidecar = _mask(
+        pc.or_(pc.starts_with(uc, "inbound|"), pc.starts_with(uc, "InboundPassthroughCluster"))
+    )
+    waypoint = _mask(pc.starts_with(uc, "inbound-vip|"))
+    passthrough = _mask(pc.is_in(uc, pa.array(["PassthroughCluster", "BlackHoleCluster"])))
+    outbound = pc.or_(_mask(pc.starts_with(uc, "outbound|")), passthrough)
+    inbound = pc.or_(inbound_sidecar, waypoint)
+    direction = pc.if_else(inbound, "inbound", pc.if_else(outbound, "outbound", "unknown"))
+
+    dra_ip, dra_port = _address(_col(fields, "downstream_remote_address"))
+    dla_ip, dla_port = _address(_col(fields, "downstream_local_address"))
+    ula_ip, ula_port = _address(_col(fields, "upstream_local_address"))
+    uh_ip, uh_port = _address(_col(fields, "upstream_host"))
+
+    use_ula = pc.and_(outbound, ula_ip.is_valid())
+    src_ip = pc.if_else(use_ula, ula_ip, dra_ip)
+    src_port = pc.if_else(use_ula, ula_port, dra_port)
+    use_uh = pc.and_(pc.invert(inbound_sidecar), uh_ip.is_valid())
+    dst_ip = pc.if_else(use_uh, uh_ip, dla_ip)
+    dst_port = pc.if_else(use_uh, uh_port, dla_port)
+
+    is_tcp = _mask(pc.or_kleene(pc.or_kleene(method.is_null(), path.is_null()), proto.is_null()))
+    grpc = pc.and_(
+        pc.and_(_mask(pc.equal(proto, "HTTP/2")), _mask(pc.equal(method, "POST"))),
+        pc.or_(
+            _mask(pc.match_substring_regex(path, _GRPC_PATH_RE)),
+            _mask(pc.starts_with(ua, "grpc-")),
+        ),
+    )
+    protocol = pc.if_else(is_tcp, "tcp", pc.if_else(grpc, "grpc", "http"))
+
+    sni_mtls = _mask(pc.starts_with(sni, "outbound_."))
+    server_mtls = pc.if_else(sni_mtls, "mtls", pc.if_else(sni.is_valid(), "tls", "plaintext"))
+    app_tls = pc.and_(pc.and_(outbound, is_tcp), pc.and_(sni.is_valid(), pc.invert(sni_mtls)))
+    mtls = pc.if_else(inbound_sidecar, server_mtls, pc.if_else(app_tls, "tls", "unknown"))
+
+    cluster_host = _group(uc, _CLUSTER_RE, "host")
+    sni_host = _group(sni, _SNI_RE, "host")
+    auth_host = _group(authority, _AUTHORITY_RE, "host")
+    plain_sni = pc.if_else(sni_mtls, None, sni)
+    named_host = pc.coalesce(auth_host, plain_sni)
+    service_host = pc.coalesce(
+        cluster_host, sni_host, pc.if_else(passthrough, named_host, pa.scalar(None, _STR))
+    )
+
+    rbac_http = _mask(pc.starts_with(rcd, "rbac_access_denied"))
+    rbac_tcp = _mask(pc.starts_with(ctd, "rbac_access_denied"))
+    denied = pc.or_(rbac_http, rbac_tcp)
+    denied_by = _group(pc.if_else(rbac_http, rcd, ctd), _DENIED_RE, "policy")
+    denied_by = pc.if_else(denied, denied_by, pa.scalar(None, _STR))
+
+    flags = _col(fields, "response_flags")
+    if "response_flags" in fields.column_names:
+        flags = pc.fill_null(flags, "-")  # Envoy's own spelling of "no flags"
+
+    columns: dict[str, pa.Array] = {
+        "time": _time(_col(fields, "start_time")),
+        "duration_ms": _int(_col(fields, "duration"), pa.int64()),
+        "src_ip": src_ip,
+        "src_port": src_port,
+        "dst_ip": dst_ip,
+        "dst_port": dst_port,
+        "dialed_ip": dla_ip,
+        "dialed_port": dla_port,
+        "service_host": service_host,
+        "direction": direction,
+        "reporter": reporter if reporter is not None else pa.nulls(n, _STR),
+        "transport": _const(n, "tcp"),
+        "protocol": protocol,
+        "http_version": pc.if_else(is_tcp, pa.scalar(None, _STR), proto),
+        "method": pc.if_else(is_tcp, pa.scalar(None, _STR), method),
+        "path": pc.if_else(is_tcp, pa.scalar(None, _STR), path),
+        "authority": authority,
+        "status": _int(_col(fields, "response_code"), pa.int32()),
+        "response_flags": flags,
+        "response_detail": pc.coalesce(rcd, ctd),
+        "bytes_in": _int(_col(fields, "bytes_received"), pa.int64()),
+        "bytes_out": _int(_col(fields, "bytes_sent"), pa.int64()),
+        "mtls": mtls,
+        "sni": sni,
+        "upstream_cluster": uc,
+        "request_id": _col(fields, "request_id"),
+        "user_agent": ua,
+        "denied": denied,
+        "denied_by": denied_by,
+        "source": _const(n, source),
+        "origin": origin,
+    }
+    main = pa.table(columns)
+
+    gateway = _mask(
+        pc.and_(pc.and_(outbound, ula_ip.is_valid()), pc.not_equal(dra_ip, ula_ip))
+    )
+    if not pc.any(gateway).as_py():
+        return conform(main)
+    legs = main.filter(gateway)
+    m = legs.num_rows
+    overrides = {
+        "direction": _const(m, "inbound"),
+        "src_ip": dra_ip.filter(gateway),
+        "src_port": dra_port.filter(gateway),
+        "dst_ip": dla_ip.filter(gateway),
+        "dst_port": dla_port.filter(gateway),
+        "mtls": server_mtls.filter(gateway),
+        "service_host": pc.coalesce(sni_host, named_host).filter(gateway),
+    }
+    for name, arr in overrides.items():
+        legs = legs.set_column(legs.column_names.index(name), name, arr)
+    # Each downstream leg goes right after its outbound record: deterministic order.
+    row = np.concatenate([np.arange(n), np.flatnonzero(gateway.to_numpy(zero_copy_only=False))])
+    leg = np.concatenate([np.zeros(n, np.int8), np.ones(m, np.int8)])
+    order = np.lexsort((leg, row))
+    both = pa.concat_tables([main, legs]).take(pa.array(order))
+    log.debug("%d gateway lines gave a downstream-leg record each", m)
+    return conform(both)

@@ -1,0 +1,308 @@
+"""Tests for observe/envoy_format.py on the real Istio/Envoy lines and formats in tests/data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from observe.envoy_format import (
+    CHUNK,
+    ISTIO_FIELDS,
+    ISTIO_TEXT_FORMAT,
+    compile_format,
+    compile_json_format,
+    format_from_docs,
+    looks_like_envoy_text,
+    looks_like_istio_json,
+    parse_json,
+    parse_text,
+)
+from observe.errors import FormatError
+
+LOGS = Path(__file__).parents[1] / "data" / "envoy-logs"
+KUBECTL_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ")
+
+
+def read_lines(name: str) -> list[str]:
+    lines = (LOGS / name).read_text(encoding="utf-8").splitlines()
+    # kiali-waypoint.log was dumped with `kubectl logs --timestamps`; the input layer strips it.
+    return [KUBECTL_TS.sub("", line) for line in lines]
+
+
+SLEEP = read_lines("istio-docs-access-log-sleep-httpbin.log")
+OUT_LINE, IN_LINE = SLEEP
+
+
+def rows(parsed_fields: pa.Table) -> list[dict[str, str | None]]:
+    return parsed_fields.to_pylist()
+
+
+# ------------------------------------------------------------------ format strings
+
+
+def test_istio_default_text_format_file_compiles_to_the_canonical_fields() -> None:
+    fmt = compile_format((LOGS / "istio-default-text-format.txt").read_text(encoding="utf-8"))
+    assert fmt.fields == ISTIO_FIELDS
+    assert fmt.operators["upstream_cluster"] == "%UPSTREAM_CLUSTER_RAW%"
+    assert fmt.operators["path"] == "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+    assert fmt.pieces is not None and len(fmt.pieces) == 15  # 7 quoted fields
+    # Our built-in constant is the same format.
+    assert compile_format(ISTIO_TEXT_FORMAT).tokens == fmt.tokens
+
+
+def test_docs_format_with_escapes_and_wrapping_compiles() -> None:
+    fmt = format_from_docs((LOGS / "istio-docs-default-format-as-shown.txt").read_text())
+    assert fmt.fields == ISTIO_FIELDS
+    assert fmt.operators["upstream_cluster"] == "%UPSTREAM_CLUSTER%"
+    envoy = format_from_docs((LOGS / "envoy-docs-default-format-as-shown.txt").read_text())
+    assert envoy.fields[-1] == "upstream_host" and len(envoy.fields) == 15
+    parsed = parse_text(pa.array(read_lines("envoy-docs-default-format-example.log")), envoy)
+    assert parsed.errors == []
+    row = rows(parsed.fields)[0]
+    assert row["method"] == "POST" and row["upstream_host"] == "tcp://10.0.2.1:80"
+    assert row["user_agent"] == "nsq2http" and row["response_flags"] is None
+
+
+def test_json_format_keys_are_the_canonical_names_of_their_operators() -> None:
+    ops = compile_json_format((LOGS / "istio-default-json-format.json").read_bytes())
+    assert len(ops) == 24
+    assert {key: op.name for key, op in ops.items()} == {key: key for key in ops}
+    assert set(ops) == set(ISTIO_FIELDS)
+
+
+def test_operator_details() -> None:
+    fmt = compile_format('%START_TIME(%s.%3f)% "%REQ(x-request-id):10%" %DYNAMIC_METADATA(a:b)%')
+    ops = [t for t in fmt.tokens if not hasattr(t, "text") or hasattr(t, "command")]
+    start = fmt.tokens[0]
+    assert getattr(start, "arg", None) == "%s.%3f"
+    assert fmt.fields == ("start_time_s_3f", "request_id", "dynamic_metadata_a_b")
+    rid = next(t for t in ops if getattr(t, "name", "") == "request_id")
+    assert getattr(rid, "max_length", None) == 10 and getattr(rid, "quoted", None) is True
+
+
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ("%FOO_BAR%", "unknown Envoy command operator"),
+        ("%REQ% x", "needs an argument"),
+        ("[%START_TIME", "invalid command operator"),
+        ("%START_TIME% 50% off", "invalid command operator"),
+        ('"%START_TIME% %PROTOCOL%', "unbalanced double quote"),
+        ("plain text", "no command operators"),
+        ("", "empty"),
+        ("%START_TIME%\n%PROTOCOL%", "several lines"),
+    ],
+)
+def test_invalid_formats_raise_format_error(fmt: str, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        compile_format(fmt)
+
+
+# ------------------------------------------------------------------ real lines
+
+
+def test_sleep_httpbin_pair_parses_exactly() -> None:
+    parsed = parse_text(pa.array(SLEEP))
+    assert parsed.errors == [] and parsed.good.tolist() == [True, True]
+    assert parsed.variants is not None and parsed.variants.to_pylist() == ["istio", "istio"]
+    out, inb = rows(parsed.fields)
+    assert out == {
+        "start_time": "2020-11-25T21:26:18.409Z", "method": "GET", "path": "/status/418",
+        "protocol": "HTTP/1.1", "response_code": "418", "response_flags": None,
+        "response_code_details": "via_upstream", "connection_termination_details": None,
+        "upstream_transport_failure_reason": None, "bytes_received": "0", "bytes_sent": "135",
+        "duration": "4", "upstream_service_time": "4", "x_forwarded_for": None,
+        "user_agent": "curl/7.73.0-DEV", "request_id": "84961386-6d84-929d-98bd-c5aee93b5c88",
+        "authority": "httpbin:8000", "upstream_host": "10.44.1.27:80",
+        "upstream_cluster": "outbound|8000||httpbin.foo.svc.cluster.local",
+        "upstream_local_address": "10.44.1.23:37652",
+        "downstream_local_address": "10.0.45.184:8000",
+        "downstream_remote_address": "10.44.1.23:46520", "requested_server_name": None,
+        "route_name": "default",
+    }
+    assert inb["upstream_cluster"] == "inbound|8000||"
+    assert inb["downstream_local_address"] == "10.44.1.27:80"
+    assert inb["requested_server_name"] == "outbound_.8000_._.httpbin.foo.svc.cluster.local"
+    assert inb["upstream_local_address"] == "127.0.0.1:41854"
+
+
+@pytest.mark.parametrize(
+    ("name", "variants"),
+    [
+        ("istio-docs-access-log-sleep-httpbin.log", ["istio"] * 2),
+        ("istio-docs-egress-control-2019-legacy-format.log", ["istio-1.0"] * 2),
+        # The 2019-09 line has the 1.4-1.8 mixer/UTFR fields; the 2019-01 one is the 1.0 format.
+        ("istio-docs-egress-gateway-2019.log", ["istio-1.5", "istio-1.0"]),
+        ("kiali-waypoint.log", ["istio"] * 16),
+        ("envoy-docs-default-format-example.log", ["envoy"]),
+    ],
+)
+def test_every_real_line_is_recognised_without_naming_its_variant(
+    name: str, variants: list[str]
+) -> None:
+    lines = read_lines(name)
+    parsed = parse_text(pa.array(lines))
+    assert parsed.errors == []
+    assert parsed.variants is not None and parsed.variants.to_pylist() == variants
+    assert parsed.fields.num_rows == len(lines)
+    assert all(looks_like_envoy_text(line) for line in lines)
+
+
+def test_egress_gateway_1_5_variant_fields() -> None:
+    parsed = parse_text(pa.array(read_lines("istio-docs-egress-gateway-2019.log")))
+    http, tcp = rows(parsed.fields)
+    assert http["method"] == "GET" and http["protocol"] == "HTTP/2"
+    assert http["response_code"] == "301" and http["x_forwarded_for"] == "10.244.2.10"
+    assert http["upstream_cluster"] == "outbound|80||edition.cnn.com"
+    assert http["upstream_local_address"] is None
+    assert http["requested_server_name"] == "edition.cnn.com" and http["route_name"] is None
+    assert http["dynamic_metadata_istio_mixer_status"] is None
+    assert http["response_code_details"] is None  # not in that format
+    assert tcp["method"] is None and tcp["path"] is None and tcp["protocol"] is None
+    assert tcp["bytes_sent"] == "1879689" and tcp["upstream_local_address"] == "172.30.109.80:41122"
+
+
+def test_waypoint_lines() -> None:
+    parsed = parse_text(pa.array(read_lines("kiali-waypoint.log")))
+    first = rows(parsed.fields)[0]
+    assert first["upstream_host"] == "envoy://connect_originate/10.244.0.32:9080"
+    assert first["upstream_cluster"] == "inbound-vip|9080|http|details.bookinfo.svc.cluster.local"
+    assert first["upstream_local_address"] == "envoy://internal_client_address/"
+    assert first["start_time"] == "2025-01-30T12:10:13.279Z"
+
+
+def test_pre_1_24_upstream_cluster_alt_stat_name_semicolon_is_stripped() -> None:
+    line = OUT_LINE.replace(
+        "outbound|8000||httpbin.foo.svc.cluster.local ",
+        "outbound|8000||httpbin.foo.svc.cluster.local; ",
+    )
+    parsed = parse_text(pa.array([line, IN_LINE]))
+    assert parsed.errors == []
+    assert parsed.fields.column("upstream_cluster").to_pylist() == [
+        "outbound|8000||httpbin.foo.svc.cluster.local",
+        "inbound|8000||",
+    ]
+
+
+def test_user_agent_with_spaces_and_with_quotes_survives() -> None:
+    ua = "Mozilla/5.0 (X11; Linux x86_64; rv:126.0) Gecko/20100101 Firefox/126.0"
+    spaced = OUT_LINE.replace('"curl/7.73.0-DEV"', f'"{ua}"')
+    quoted = OUT_LINE.replace('"curl/7.73.0-DEV"', '"agent "quoted"/1.0"')
+    parsed = parse_text(pa.array([spaced, quoted, IN_LINE]))
+    assert parsed.errors == []
+    assert parsed.fields.column("user_agent").to_pylist() == [
+        ua, 'agent "quoted"/1.0', "curl/7.73.0-DEV"
+    ]
+    assert parsed.fields.column("route_name").to_pylist() == ["default"] * 3
+
+
+def test_malformed_lines_are_reported_and_neighbours_parse() -> None:
+    truncated_mid_quote = OUT_LINE[: OUT_LINE.index("curl/7") + 4]
+    truncated_tail = OUT_LINE[: OUT_LINE.index(" 10.0.45.184")]
+    bad_number = OUT_LINE.replace(" 0 135 4 4 ", " 0 13x5 4 4 ")
+    lines = [
+        OUT_LINE, truncated_mid_quote, IN_LINE, "garbage here", "", None,
+        truncated_tail, bad_number, OUT_LINE,
+    ]
+    parsed = parse_text(pa.array(lines, pa.string()))
+    assert parsed.good.tolist() == [True, False, True, False, False, False, False, False, True]
+    reasons = dict(parsed.errors)
+    assert sorted(reasons) == [1, 3, 4, 5, 6, 7]
+    assert reasons[1] == "unbalanced double quotes (truncated line?)"
+    assert reasons[3] == "not an Envoy/Istio access-log line"
+    assert reasons[4] == reasons[5] == "empty line"
+    assert "bad field value" in reasons[7]
+    got = rows(parsed.fields)
+    assert [r["upstream_cluster"] for r in got] == [
+        "outbound|8000||httpbin.foo.svc.cluster.local", "inbound|8000||",
+        "outbound|8000||httpbin.foo.svc.cluster.local",
+    ]
+    assert [r["route_name"] for r in got] == ["default"] * 3
+
+
+def test_exact_across_chunk_boundaries() -> None:
+    n = CHUNK + 1500
+    lines: list[str] = []
+    for i in range(n):
+        base = OUT_LINE if i % 2 else IN_LINE
+        lines.append(base.replace("84961386-6d84-929d-98bd-c5aee93b5c88", f"rid-{i}"))
+    bad = {0, CHUNK - 1, CHUNK, CHUNK + 1, n - 1}
+    for i in bad:
+        lines[i] = lines[i][: 60 + i % 40]
+    parsed = parse_text(pa.array(lines))
+    assert {i for i, _ in parsed.errors} == bad
+    expected = [f"rid-{i}" for i in range(n) if i not in bad]
+    assert parsed.fields.column("request_id").to_pylist() == expected
+
+
+def test_custom_format_round_trip() -> None:
+    fmt = compile_format(
+        '%START_TIME(%s.%3f)% %DOWNSTREAM_REMOTE_ADDRESS% "%REQ(:METHOD)% %REQ(:PATH)%" '
+        '%RESPONSE_CODE% "%REQ(USER-AGENT):10%" %UPSTREAM_CLUSTER_RAW%\n'
+    )
+    values = [
+        ("1606339578.409", "10.44.1.23:46520", "GET", "/status/418", "418", "curl/7.73.",
+         "outbound|8000||httpbin.foo.svc.cluster.local"),
+        ("1606339579.001", "[fd00::5]:3345", "POST", "/a?b=c", "503", "-", "-"),
+    ]
+    lines = [f'{a} {b} "{c} {d}" {e} "{f}" {g}' for a, b, c, d, e, f, g in values]
+    parsed = parse_text(pa.array([*lines, "1606339579.001 x"]), fmt)
+    assert parsed.errors == [(2, "does not match the given --envoy-format")]
+    assert parsed.fields.column_names == [
+        "start_time_s_3f", "downstream_remote_address", "method", "path", "response_code",
+        "user_agent", "upstream_cluster",
+    ]
+    assert rows(parsed.fields)[0]["user_agent"] == "curl/7.73."
+    assert rows(parsed.fields)[1] == {
+        "start_time_s_3f": "1606339579.001", "downstream_remote_address": "[fd00::5]:3345",
+        "method": "POST", "path": "/a?b=c", "response_code": "503", "user_agent": None,
+        "upstream_cluster": None,
+    }
+
+
+def test_format_without_fast_plan_uses_the_regex_path() -> None:
+    fmt = compile_format("%RESPONSE_CODE%/%DURATION%ms %PROTOCOL%")
+    assert fmt.pieces is None
+    parsed = parse_text(pa.array(["200/15ms HTTP/1.1", "x/1ms HTTP/2", "503/0ms -"]), fmt)
+    assert parsed.good.tolist() == [True, False, True]
+    assert parsed.fields.to_pylist() == [
+        {"response_code": "200", "duration": "15", "protocol": "HTTP/1.1"},
+        {"response_code": "503", "duration": "0", "protocol": None},
+    ]
+
+
+# ------------------------------------------------------------------ JSON
+
+
+def envoy_json(fields: dict[str, str | None]) -> str:
+    """A JSON line the way Envoy writes Istio's JSON encoding: sorted keys, numbers, null."""
+    numeric = {"response_code", "bytes_received", "bytes_sent", "duration"}
+    obj = {
+        k: (int(v) if k in numeric and v is not None else v) for k, v in sorted(fields.items())
+    }
+    return orjson.dumps(obj).decode()
+
+
+def test_parse_json_matches_text_parse() -> None:
+    text = rows(parse_text(pa.array(SLEEP)).fields)
+    lines = [envoy_json(text[0]), "{not json", '{"a": 1}', "", envoy_json(text[1])]
+    parsed = parse_json(pa.array(lines))
+    assert parsed.good.tolist() == [True, False, False, False, True]
+    assert parsed.errors == [
+        (1, "not valid JSON (truncated line?)"),
+        (2, "JSON object is not an Istio access-log record"),
+        (3, "empty line"),
+    ]
+    assert rows(parsed.fields) == text
+    assert looks_like_istio_json(orjson.loads(lines[0]))
+    assert not looks_like_istio_json({"a": 1}) and not looks_like_istio_json([1, 2])
+
+
+def test_looks_like_envoy_text_rejects_other_logs() -> None:
+    assert not looks_like_envoy_text("2024-04-18T07:46:30.123Z\tinfo\taccess\tconnection complete")
+    assert not looks_like_envoy_text('{"start_time": "x"}')
+    assert looks_like_envoy_text(IN_LINE)

@@ -1,0 +1,226 @@
+"""Tests for observe/istio.py: real Istio lines (and lines edited field by field) -> flows."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from observe.envoy_format import parse_text
+from observe.istio import to_flows
+from observe.schema import FLOW_SCHEMA
+
+LOGS = Path(__file__).parents[1] / "data" / "envoy-logs"
+KUBECTL_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ")
+
+
+def read_lines(name: str) -> list[str]:
+    lines = (LOGS / name).read_text(encoding="utf-8").splitlines()
+    return [KUBECTL_TS.sub("", line) for line in lines]  # input layer's job in production
+
+
+OUT_LINE, IN_LINE = read_lines("istio-docs-access-log-sleep-httpbin.log")
+
+
+def flows(lines: list[str], reporter: list[str | None] | None = None) -> list[dict[str, Any]]:
+    parsed = parse_text(pa.array(lines))
+    assert parsed.errors == []
+    origin = pa.array([f"test.log:{i + 1}" for i in range(len(lines))])
+    batch = to_flows(
+        parsed.fields,
+        reporter=pa.array(reporter, pa.string()) if reporter is not None else None,
+        origin=origin,
+        source="istio-text",
+    )
+    assert batch.schema == FLOW_SCHEMA
+    return batch.to_pylist()
+
+
+def test_sleep_to_httpbin_both_sides() -> None:
+    out, inb = flows([OUT_LINE, IN_LINE], reporter=["foo/sleep-1", "foo/httpbin-1"])
+    common = {
+        "time": datetime(2020, 11, 25, 21, 26, 18, 409000, tzinfo=UTC),
+        "src_ip": "10.44.1.23", "src_port": 37652,  # the same connection seen from both sides
+        "dst_ip": "10.44.1.27", "dst_port": 80,  # the pod and its targetPort
+        "service_host": "httpbin.foo.svc.cluster.local", "transport": "tcp",
+        "protocol": "http", "http_version": "HTTP/1.1", "method": "GET",
+        "path": "/status/418", "authority": "httpbin:8000", "status": 418,
+        "response_flags": "-", "response_detail": "via_upstream", "bytes_in": 0,
+        "bytes_out": 135, "request_id": "84961386-6d84-929d-98bd-c5aee93b5c88",
+        "user_agent": "curl/7.73.0-DEV", "denied": False, "denied_by": None,
+        "src_workload": None, "dst_workload": None, "src_principal": None,
+        "dst_principal": None, "source": "istio-text",
+    }
+    assert out == {
+        **common, "duration_ms": 4, "dialed_ip": "10.0.45.184", "dialed_port": 8000,
+        "direction": "outbound", "reporter": "foo/sleep-1", "mtls": "unknown", "sni": None,
+        "upstream_cluster": "outbound|8000||httpbin.foo.svc.cluster.local",
+        "origin": "test.log:1",
+    }
+    assert inb == {
+        **common, "duration_ms": 3, "dialed_ip": "10.44.1.27", "dialed_port": 80,
+        "direction": "inbound", "reporter": "foo/httpbin-1", "mtls": "mtls",
+        "sni": "outbound_.8000_._.httpbin.foo.svc.cluster.local",
+        "upstream_cluster": "inbound|8000||", "origin": "test.log:2",
+    }
+
+
+def test_inbound_without_sni_is_plaintext_and_other_sni_is_tls() -> None:
+    plain = IN_LINE.replace(" outbound_.8000_._.httpbin.foo.svc.cluster.local ", " - ")
+    tls = IN_LINE.replace(" outbound_.8000_._.httpbin.foo.svc.cluster.local ", " httpbin.example ")
+    got = flows([plain, tls])
+    assert [f["mtls"] for f in got] == ["plaintext", "tls"]
+    assert [f["service_host"] for f in got] == [None, None]
+
+
+def test_2019_tcp_passthrough_line() -> None:
+    http, tcp = flows(read_lines("istio-docs-egress-control-2019-legacy-format.log"))
+    assert tcp["direction"] == "outbound" and tcp["protocol"] == "tcp"
+    assert tcp["method"] is None and tcp["path"] is None and tcp["http_version"] is None
+    assert (tcp["src_ip"], tcp["src_port"]) == ("172.30.109.82", 59480)
+    assert (tcp["dst_ip"], tcp["dst_port"]) == ("172.217.161.36", 443)
+    assert (tcp["dialed_ip"], tcp["dialed_port"]) == ("172.217.161.36", 443)
+    assert tcp["status"] == 0 and tcp["bytes_in"] == 601 and tcp["bytes_out"] == 17766
+    assert tcp["mtls"] == "tls" and tcp["sni"] == "www.google.com"  # app-originated TLS
+    assert tcp["service_host"] == "www.google.com"
+    # upstream_local '-': the client is the downstream remote.
+    assert (http["src_ip"], http["src_port"]) == ("172.30.109.82", 55314)
+    assert http["mtls"] == "unknown" and http["service_host"] == "httpbin.org"
+
+
+def test_egress_gateway_lines() -> None:
+    got = flows(read_lines("istio-docs-egress-gateway-2019.log"))
+    assert len(got) == 3  # the TCP line comes from a gateway: two legs
+    http, tcp_up, tcp_down = got
+    # upstream_local '-' on the HTTP line: a gateway cannot be told apart, one record only.
+    assert http["direction"] == "outbound" and http["protocol"] == "http"
+    assert http["http_version"] == "HTTP/2" and http["status"] == 301
+    assert (http["src_ip"], http["dst_ip"]) == ("10.244.2.10", "151.101.65.67")
+    assert http["dst_port"] == 80
+    assert (http["dialed_ip"], http["dialed_port"]) == ("10.244.1.5", 80)
+    assert http["mtls"] == "unknown" and http["service_host"] == "edition.cnn.com"
+    assert tcp_up["direction"] == "outbound" and tcp_up["origin"] == "test.log:2"
+    assert (tcp_up["src_ip"], tcp_up["src_port"]) == ("172.30.109.80", 41122)
+    assert (tcp_up["dst_ip"], tcp_up["dst_port"]) == ("151.101.129.67", 443)
+    assert tcp_up["mtls"] == "tls"
+    assert tcp_down["direction"] == "inbound" and tcp_down["origin"] == "test.log:2"
+    assert (tcp_down["src_ip"], tcp_down["src_port"]) == ("172.30.109.112", 59970)
+    assert (tcp_down["dst_ip"], tcp_down["dst_port"]) == ("172.30.109.80", 443)
+    assert (tcp_down["dialed_ip"], tcp_down["dialed_port"]) == ("172.30.109.80", 443)
+    assert tcp_down["mtls"] == "tls" and tcp_down["service_host"] == "edition.cnn.com"
+    assert tcp_down["bytes_out"] == tcp_up["bytes_out"] == 1879689
+
+
+def test_waypoint_lines() -> None:
+    lines = read_lines("kiali-waypoint.log")
+    got = flows(lines)
+    assert len(got) == len(lines) == 16
+    assert all(f["direction"] == "inbound" and f["mtls"] == "unknown" for f in got)
+    first = got[0]
+    assert (first["src_ip"], first["src_port"]) == ("10.244.0.37", 52134)
+    assert (first["dst_ip"], first["dst_port"]) == ("10.244.0.32", 9080)  # connect_originate
+    assert (first["dialed_ip"], first["dialed_port"]) == ("10.96.185.196", 9080)  # the VIP
+    assert first["service_host"] == "details.bookinfo.svc.cluster.local"
+    gw = got[4]
+    assert gw["upstream_cluster"].startswith("inbound-vip|80|http|bookinfo-gateway-istio")
+    assert (gw["dst_ip"], gw["dst_port"], gw["src_ip"]) == ("10.244.0.39", 80, "10.244.0.45")
+    assert gw["service_host"] == "bookinfo-gateway-istio.bookinfo.svc.cluster.local"
+
+
+@pytest.mark.parametrize(
+    ("details", "denied_by"),
+    [
+        ("rbac_access_denied_matched_policy[ns[foo]-policy[deny-all]-rule[0]]",
+         "ns[foo]-policy[deny-all]-rule[0]"),
+        ("rbac_access_denied_matched_policy[none]", "none"),
+    ],
+)
+def test_rbac_403_line(details: str, denied_by: str) -> None:
+    line = IN_LINE.replace(" 418 - via_upstream - ", f" 403 - {details} - ").replace(
+        " 0 135 3 1 ", " 0 19 0 - "
+    )
+    (f,) = flows([line])
+    assert f["denied"] is True and f["denied_by"] == denied_by
+    assert f["status"] == 403 and f["response_detail"] == details and f["bytes_out"] == 19
+
+
+def test_rbac_tcp_termination() -> None:
+    # Envoy's network RBAC filter sets CONNECTION_TERMINATION_DETAILS (envoyproxy/envoy#13305).
+    line = IN_LINE.replace('"GET /status/418 HTTP/1.1" 418 - via_upstream - ', '"- - -" 0 - - '
+                           "rbac_access_denied_matched_policy[none] ").replace(
+        '"curl/7.73.0-DEV" "84961386-6d84-929d-98bd-c5aee93b5c88" "httpbin:8000"',
+        '"-" "-" "-"',
+    )
+    (f,) = flows([line])
+    assert f["protocol"] == "tcp" and f["status"] == 0
+    assert f["denied"] is True and f["denied_by"] == "none"
+    assert f["response_detail"] == "rbac_access_denied_matched_policy[none]"
+    assert f["mtls"] == "mtls"
+
+
+def test_grpc_line() -> None:
+    line = IN_LINE.replace(
+        '"GET /status/418 HTTP/1.1" 418', '"POST /helloworld.Greeter/SayHello HTTP/2" 200'
+    )
+    rest_h2 = IN_LINE.replace('"GET /status/418 HTTP/1.1" 418', '"POST /api/items HTTP/2" 201')
+    by_agent = rest_h2.replace('"curl/7.73.0-DEV"', '"grpc-java-netty/1.60.0"')
+    got = flows([line, rest_h2, by_agent])
+    assert [f["protocol"] for f in got] == ["grpc", "http", "grpc"]
+    assert got[0]["http_version"] == "HTTP/2" and got[0]["path"] == "/helloworld.Greeter/SayHello"
+
+
+def test_blackhole_and_passthrough_lines() -> None:
+    blackhole = OUT_LINE.replace(
+        '418 - via_upstream - "-"', '502 - direct_response - "-"'
+    ).replace(
+        '"httpbin:8000" "10.44.1.27:80" outbound|8000||httpbin.foo.svc.cluster.local '
+        "10.44.1.23:37652 10.0.45.184:8000",
+        '"api.example.com" "-" BlackHoleCluster - 93.184.216.34:80',
+    )
+    passthrough = OUT_LINE.replace(
+        '"httpbin:8000" "10.44.1.27:80" outbound|8000||httpbin.foo.svc.cluster.local',
+        '"api.example.com:8080" "93.184.216.34:8080" PassthroughCluster',
+    )
+    bh, pt = flows([blackhole, passthrough])
+    assert bh["direction"] == "outbound" and bh["upstream_cluster"] == "BlackHoleCluster"
+    assert (bh["dst_ip"], bh["dst_port"]) == ("93.184.216.34", 80)  # upstream_host '-': dialed
+    assert bh["src_ip"] == "10.44.1.23" and bh["src_port"] == 46520  # no upstream_local
+    assert bh["service_host"] == "api.example.com" and bh["status"] == 502
+    assert pt["service_host"] == "api.example.com" and pt["mtls"] == "unknown"
+    assert (pt["dst_ip"], pt["dst_port"]) == ("93.184.216.34", 8080)
+
+
+def test_ipv6_line() -> None:
+    line = (
+        IN_LINE.replace('"127.0.0.1:80"', '"[::1]:80"')
+        .replace("127.0.0.1:41854", "[::6]:41854")
+        .replace("10.44.1.27:80 10.44.1.23:37652", "[fd00:10:244::1b]:80 [fd00:10:244::17]:37652")
+    )
+    (f,) = flows([line])
+    assert (f["src_ip"], f["src_port"]) == ("fd00:10:244::17", 37652)
+    assert (f["dst_ip"], f["dst_port"]) == ("fd00:10:244::1b", 80)
+    assert f["mtls"] == "mtls"
+
+
+def test_unknown_cluster_and_epoch_times() -> None:
+    parsed = parse_text(pa.array(read_lines("envoy-docs-default-format-example.log")))
+    (f,) = to_flows(parsed.fields, reporter=None, origin=pa.array(["e.log:1"]),
+                    source="envoy-text").to_pylist()
+    assert f["direction"] == "unknown" and f["mtls"] == "unknown"
+    assert (f["dst_ip"], f["dst_port"]) == ("10.0.2.1", 80)
+    assert f["src_ip"] is None and f["reporter"] is None
+    epoch = pa.table({"start_time": ["1606339578.409", "junk", None]})
+    times = to_flows(epoch, reporter=None, origin=pa.array(["a", "b", "c"]), source="x")
+    assert times.column("time").to_pylist() == [
+        datetime(2020, 11, 25, 21, 26, 18, 409000, tzinfo=UTC), None, None
+    ]
+
+
+def test_row_count_mismatch_is_rejected() -> None:
+    parsed = parse_text(pa.array([OUT_LINE]))
+    with pytest.raises(ValueError, match="one entry per row"):
+        to_flows(parsed.fields, reporter=None, origin=pa.array(["a", "b"]), source="x")
