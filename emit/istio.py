@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from emit.yamlio import rfc3339
-from learn.model import Edge, Graph, Node
+from learn.model import Edge, Graph, Node, has_ingress_gateway_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ API_VERSION = "security.istio.io/v1"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshwright"}
 DEFAULT_SYSTEM_NAMESPACES = frozenset({"istio-system", "kube-system"})
 NON_WORKLOAD_PREFIXES = ("external:", "unknown:", "service:")
-#: Selector labels that mark an ingress gateway (classic, Gateway API, Istio-managed).
-GATEWAY_LABELS: tuple[tuple[str, str | None], ...] = (
-    ("istio", "ingressgateway"),
-    ("gateway.networking.k8s.io/gateway-name", None),
-    ("istio.io/gateway-name", None),
-)
 
 
 @dataclass
@@ -104,10 +98,8 @@ class IstioPlan:
 
 
 def is_gateway(node: Node) -> bool:
-    for key, value in GATEWAY_LABELS:
-        if key in node.selector and (value is None or node.selector[key] == value):
-            return True
-    return False
+    """Ingress gateway: flagged by the resolver from its pod labels, or visible in its selector."""
+    return node.ingress_gateway or has_ingress_gateway_labels(node.selector)
 
 
 def _has_identity_source(edge: Edge, src: Node | None) -> bool:

@@ -33,7 +33,24 @@ def find(graph: Graph) -> list[Finding]:
     permissive: dict[tuple[str, int], list[Edge]] = {}
     for edge in graph.edges:
         allowed = edge.requests - edge.denied_requests
-        if edge.plaintext_requests and _is_workload(graph, edge.destination):
+        dst_node = graph.nodes.get(edge.destination)
+        if edge.plaintext_requests and dst_node is not None and dst_node.ingress_gateway:
+            clients = len(graph.nodes[edge.source].ips) or 1
+            findings.append(Finding(
+                id=_fid("plaintext", edge),
+                kind="plaintext",
+                severity="low",
+                source=edge.source,
+                destination=edge.destination,
+                port=edge.port,
+                summary=(
+                    f"{edge.plaintext_requests} requests from {clients} client address(es) "
+                    f"reached the ingress gateway {edge.destination} on port {edge.port} over "
+                    "plaintext; serve this listener over TLS if it faces the internet."
+                ),
+                evidence=list(edge.evidence),
+            ))
+        elif edge.plaintext_requests and allowed and _is_workload(graph, edge.destination):
             src = graph.nodes[edge.source]
             who = "an unmeshed client" if src.meshed is False or src.kind in (
                 EXTERNAL, UNKNOWN) else "a client"

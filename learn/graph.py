@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from learn.model import EXTERNAL, UNKNOWN, Edge, Graph, Node, Operation
+from learn.model import EXTERNAL, INTERNET, UNKNOWN, Edge, Graph, Node, Operation
 
 #: Per-edge cap on remembered client addresses; beyond it the edge is flagged as truncated.
 MAX_SOURCE_IPS = 1024
@@ -180,11 +180,13 @@ class GraphBuilder:
               ambiguities: Iterable[str] = (), trust_domain: str = "cluster.local") -> Graph:
         """The graph; ``nodes(id)`` describes each endpoint (``IdentityResolver.node``)."""
         graph = Graph(trust_domain=trust_domain)
-        for (src, dst, port, protocol), acc in sorted(self._edges.items()):
+        for (src, dst, port, protocol), acc in sorted(self._collapse_public_clients(nodes).items()):
             graph.edges.append(self._edge(src, dst, port, protocol, acc))
             for node_id in (src, dst):
                 if node_id not in graph.nodes:
-                    graph.nodes[node_id] = nodes(node_id)
+                    graph.nodes[node_id] = (
+                        Node(id=INTERNET, kind=EXTERNAL) if node_id == INTERNET else nodes(node_id)
+                    )
         for edge in graph.edges:
             for node_id, ips in ((edge.source, edge.source_ips),):
                 node = graph.nodes[node_id]
@@ -201,6 +203,22 @@ class GraphBuilder:
             {n.namespace for n in graph.nodes.values() if n.namespace}
         )
         return graph
+
+    def _collapse_public_clients(self, nodes: Callable[[str], Node]) -> dict[EdgeKey, _EdgeAcc]:
+        """Public clients of an ingress gateway become one ``external:internet`` source.
+
+        An internet-facing listener cannot be pinned to the client addresses of one window,
+        and one node per address would drown the graph; the addresses stay in ``source_ips``.
+        """
+        gateways = {dst for (_, dst, _, _) in self._edges if nodes(dst).ingress_gateway}
+        merged: dict[EdgeKey, _EdgeAcc] = {}
+        for (src, dst, port, protocol), acc in self._edges.items():
+            if dst in gateways and src.startswith(f"{EXTERNAL}:"):
+                key = (INTERNET, dst, port, protocol)
+                merged[key] = _merge_acc(merged[key], acc) if key in merged else acc
+            else:
+                merged[(src, dst, port, protocol)] = acc
+        return merged
 
     def _edge(self, src: str, dst: str, port: int, protocol: str, acc: _EdgeAcc) -> Edge:
         operations = acc.operations
@@ -238,3 +256,28 @@ class GraphBuilder:
             hosts=sorted(acc.hosts),
             evidence=[o for _, o in acc.evidence],
         )
+
+
+def _merge_acc(a: _EdgeAcc, b: _EdgeAcc) -> _EdgeAcc:
+    """Sum two edge accumulators (for merged sources)."""
+    firsts = [t for t in (a.first, b.first) if t is not None]
+    lasts = [t for t in (a.last, b.last) if t is not None]
+    ips = sorted(a.source_ips | b.source_ips)
+    return _EdgeAcc(
+        requests=a.requests + b.requests,
+        bytes=a.bytes + b.bytes,
+        mtls=a.mtls + b.mtls,
+        denied=a.denied + b.denied,
+        operations=a.operations + b.operations,
+        classes=a.classes + b.classes,
+        first=min(firsts) if firsts else None,
+        last=max(lasts) if lasts else None,
+        hours=a.hours | b.hours,
+        minutes=a.minutes | b.minutes,
+        source_ips=set(ips[:MAX_SOURCE_IPS]),
+        source_ips_truncated=(
+            a.source_ips_truncated or b.source_ips_truncated or len(ips) > MAX_SOURCE_IPS
+        ),
+        hosts=a.hosts | b.hosts,
+        evidence=heapq.nsmallest(EVIDENCE_SAMPLES, a.evidence + b.evidence),
+    )

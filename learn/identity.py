@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from learn.model import EXTERNAL, UNKNOWN, Node
+from learn.model import EXTERNAL, UNKNOWN, Node, has_ingress_gateway_labels
 from observe.inventory import Inventory, PodRecord, ServiceRecord, WorkloadRecord
 
 log = logging.getLogger(__name__)
@@ -491,6 +491,7 @@ class IdentityResolver:
                 workload=wid, from_logs=True, has_lifetime=True,
             ))
         for items in by_ip.values():
+            _trim_log_grace(items)
             items.sort(key=lambda c: (c.start, c.end, c.pod))
         self._leases = by_ip
         return by_ip
@@ -523,6 +524,7 @@ class IdentityResolver:
             service_account=sa, principal=f"{self.trust_domain}/ns/{wl.namespace}/sa/{sa}",
             selector=self.selector(wl), meshed=wl.meshed, in_inventory=True,
             services=[s.id for s in self.inventory.services_selecting(wl)],
+            ingress_gateway=has_ingress_gateway_labels(wl.labels),
         )
 
     def workloads(self) -> list[Node]:
@@ -610,6 +612,25 @@ class _Rows:
             if host and not _is_ip(host):
                 return host
         return None
+
+
+def _trim_log_grace(items: list[_Lease]) -> None:
+    """Cut a log-proven lease's grace margin where the inventory says another pod held the IP.
+
+    The margin covers clock skew and unlogged idle time around the logs' evidence; a pod the
+    inventory saw start (or end) in that margin is better evidence than the margin itself.
+    """
+    for lease in items:
+        if not lease.from_logs:
+            continue
+        first, last = lease.start + LEASE_GRACE_US, lease.end - LEASE_GRACE_US
+        for other in items:
+            if other.from_logs or not other.has_lifetime or other.pod == lease.pod:
+                continue
+            if last < other.start < lease.end:
+                lease.end = other.start - 1
+            if lease.start < other.end < first:
+                lease.start = other.end + 1
 
 
 def _pick_lease(candidates: Sequence[_Lease], t: np.ndarray, tnull: np.ndarray) -> np.ndarray:

@@ -14,6 +14,20 @@ from datetime import datetime
 #: Job, ReplicaSet, Pod).
 EXTERNAL = "external"
 UNKNOWN = "unknown"
+#: The one node standing for all public clients of an ingress gateway (addresses in ``ips``).
+INTERNET = "external:internet"
+
+#: Pod labels that mark an ingress gateway (classic Istio, Gateway API, Istio-managed).
+INGRESS_GATEWAY_LABELS: tuple[tuple[str, str | None], ...] = (
+    ("istio", "ingressgateway"),
+    ("gateway.networking.k8s.io/gateway-name", None),
+    ("istio.io/gateway-name", None),
+)
+
+
+def has_ingress_gateway_labels(labels: dict[str, str]) -> bool:
+    """Whether pod labels mark an ingress gateway."""
+    return any(k in labels and (v is None or labels[k] == v) for k, v in INGRESS_GATEWAY_LABELS)
 
 
 @dataclass
@@ -42,6 +56,8 @@ class Node:
     """Addresses seen for this node (external/unknown peers, plaintext clients)."""
     services: list[str] = field(default_factory=list)
     """Services (``<ns>/<name>``) that select this workload's pods."""
+    ingress_gateway: bool = False
+    """True for ingress gateways (Istio, Gateway API): they serve clients outside the mesh."""
 
 
 @dataclass
@@ -93,11 +109,11 @@ class Edge:
 
     @property
     def mtls(self) -> str:
-        """``full`` | ``partial`` | ``none`` | ``unknown`` over the edge's requests."""
+        """``full`` | ``partial`` | ``none`` | ``unknown`` over requests whose TLS is known."""
         known = self.mtls_requests + self.plaintext_requests + self.tls_requests
         if known == 0:
             return "unknown"
-        if self.mtls_requests == self.requests:
+        if self.mtls_requests == known:
             return "full"
         if self.mtls_requests == 0:
             return "none"

@@ -1,0 +1,443 @@
+"""Input files: paths, directories, gzip, stdin, content detection, line chunks, dedupe.
+
+Everything is decided from bytes, never from file names: gzip by its magic (``1f 8b``, any
+name), Parquet flows by ``PAR1``, inventories by ``apiVersion``/``kind`` in a JSON or YAML
+head, access logs by the shape of their first lines (see :mod:`observe.layouts`).
+
+Files are read in chunks of whole lines (:func:`iter_line_chunks`, ~4 MiB each) that become
+one ``pyarrow`` string array, so memory is bounded by the chunk size, not the file.
+
+Dedupe (:class:`Deduper`): a dump often holds the same proxy output twice (the ``kubectl
+logs`` file and the CRI node file of one pod, a shipper export beside them). A request is
+kept once per key ``(pod, exact inner access-log line)``; the pod name (not ``ns/pod``) is
+used so a copy whose namespace is unknown still matches. Keys are 64-bit hashes kept in
+sorted numpy runs: **8 bytes per distinct access line** (plus a transient copy of the
+largest run while runs merge), e.g. ~160 MB for 20 M lines. Two different lines colliding
+on 64 bits is ~1e-5 likely at 20 M lines; the cost would be one dropped record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import os
+import re
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+from pandas.util import hash_array
+
+from observe import layouts
+from observe.errors import InputError
+
+log = logging.getLogger(__name__)
+
+STDIN = "-"
+#: Bytes read per chunk of lines.
+CHUNK_BYTES = 4 << 20
+#: Bytes peeked to classify a file.
+HEAD_BYTES = 64 << 10
+#: Lines of the head examined to recognise an access log.
+HEAD_LINES = 64
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+BZIP2_MAGIC = b"BZh"
+
+LOGS = "logs"
+INVENTORY = "inventory"
+FLOWS = "flows"
+
+# Log layouts detected per file.
+TEXT = "text"
+CRI = "cri"
+ENVELOPE = "envelope"
+
+
+def display(path: Path | str) -> str:
+    """How a path appears in origins and messages (``<stdin>`` for stdin)."""
+    return "<stdin>" if path == STDIN else str(path)
+
+
+def _stdin_buffer() -> BinaryIO:
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is None:
+        raise InputError("standard input is not readable as bytes", origin="<stdin>")
+    return buf
+
+
+class _Counting(io.RawIOBase):
+    """Counts bytes read from the underlying (possibly compressed) stream, for progress."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        return n
+
+
+class Gunzip(io.RawIOBase):
+    """Streaming gunzip that keeps what a truncated file holds instead of raising.
+
+    Dumps are often copied while a shipper still writes them; :mod:`gzip` then raises
+    EOFError and loses the last decompressed block. Here the data up to the cut is returned
+    and ``truncated`` is set. Concatenated members (rotated logs ``cat``-ed) are read in turn.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self._d = zlib.decompressobj(31)
+        self._input = b""
+        self._started = False
+        self._done = False
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        want = len(b)
+        while not self._done:
+            if self._d.eof:
+                # Next member, if any; zero padding after the last member is skipped.
+                rest = (self._input or self._d.unused_data).lstrip(b"\x00")
+                while not rest:
+                    more = self.raw.read(1 << 16)
+                    if not more:
+                        self._done = True
+                        return 0
+                    rest = more.lstrip(b"\x00")
+                self._d = zlib.decompressobj(31)
+                self._input = rest
+            data = self._input or self._d.unconsumed_tail or self.raw.read(1 << 16)
+            self._input = b""
+            if not data:
+                self.truncated = self._started
+                self._done = True
+                break
+            self._started = True
+            try:
+                out = self._d.decompress(data, want)
+            except zlib.error as exc:
+                raise OSError(f"corrupt gzip data: {exc}") from exc
+            if out:
+                b[: len(out)] = out
+                return len(out)
+        return 0
+
+
+@contextlib.contextmanager
+def open_input(path: Path | str) -> Iterator[tuple[BinaryIO, _Counting]]:
+    """Open a file or stdin for binary reading, transparently gunzipping by magic bytes.
+
+    Yields the (decompressed) stream and a counter of raw bytes consumed. A truncated gzip
+    ends early; :func:`truncated` tells afterwards.
+    """
+    name = display(path)
+    try:
+        raw: BinaryIO = _stdin_buffer() if path == STDIN else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise InputError(f"cannot open: {exc.strerror or exc}", origin=name) from exc
+    try:
+        counting = _Counting(raw)
+        buffered = io.BufferedReader(counting, buffer_size=1 << 16)
+        try:
+            magic = buffered.peek(2)[:2]
+        except OSError as exc:
+            raise InputError(f"cannot read: {exc}", origin=name) from exc
+        stream: BinaryIO = buffered
+        if magic == GZIP_MAGIC:
+            stream = io.BufferedReader(Gunzip(buffered), buffer_size=1 << 16)
+        yield stream, counting
+    finally:
+        if path != STDIN:
+            raw.close()
+
+
+def truncated(stream: BinaryIO) -> bool:
+    """True if ``stream`` (from :func:`open_input`) was a gzip cut short."""
+    raw = getattr(stream, "raw", None)
+    return isinstance(raw, Gunzip) and raw.truncated
+
+
+def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
+    """The first ``size`` bytes of a file, gunzipped if it is gzip (a short gzip is fine)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(size)
+            if head[:2] != GZIP_MAGIC:
+                return head
+            fh.seek(0)
+            out = bytearray()
+            with (
+                gzip.GzipFile(fileobj=fh, mode="rb") as gz,
+                contextlib.suppress(EOFError, OSError, zlib.error),
+            ):
+                while len(out) < size:
+                    block = gz.read(size - len(out))
+                    if not block:
+                        break
+                    out += block
+            return bytes(out)
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", origin=str(path)) from exc
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a file's head says it is."""
+
+    kind: str | None
+    """``logs`` | ``inventory`` | ``flows`` | None (not recognised)."""
+    layout: str | None = None
+    """For logs: ``text`` | ``cri`` | ``envelope``."""
+    reason: str = ""
+    """Why it was not recognised."""
+
+
+_YAML_API = re.compile(rb"^(?:-\s+)?apiVersion:\s*\S", re.M)
+_YAML_KIND = re.compile(rb"^\s*(?:-\s+)?kind:\s*\S", re.M)
+_JSON_API = re.compile(rb'"apiVersion"\s*:\s*"')
+_JSON_KIND = re.compile(rb'"kind"\s*:\s*"')
+
+
+def _head_lines(head: bytes, complete: bool) -> list[str]:
+    text = head.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if not complete and len(lines) > 1:
+        lines = lines[:-1]  # the last one may be cut by the head size
+    return [ln.rstrip("\r") for ln in lines if ln.strip()][:HEAD_LINES]
+
+
+def detect(head: bytes, *, complete: bool = False, custom_format: bool = False) -> Detected:
+    """Classify content by its first bytes (``complete``: ``head`` is the whole file)."""
+    from observe.flows_io import looks_like_parquet
+
+    if not head:
+        return Detected(None, reason="empty file")
+    if looks_like_parquet(head):
+        return Detected(FLOWS)
+    for magic, what in ((ZSTD_MAGIC, "zstd"), (XZ_MAGIC, "xz"), (BZIP2_MAGIC + b"9", "bzip2")):
+        if head.startswith(magic):
+            return Detected(None, reason=f"{what}-compressed; decompress it first (gzip is read)")
+    if b"\x00" in head:
+        return Detected(None, reason="binary content")
+    lines = _head_lines(head, complete)
+    if not lines:
+        return Detected(None, reason="no text lines")
+    first = lines[0].lstrip()
+    if first.startswith("{"):
+        try:
+            obj = orjson.loads(first)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            if layouts.unwrap_envelope(obj) is not None:
+                return Detected(LOGS, ENVELOPE)
+            if "apiVersion" in obj and "kind" in obj:
+                return Detected(INVENTORY)
+        elif _JSON_API.search(head) and _JSON_KIND.search(head):
+            return Detected(INVENTORY)  # a pretty-printed kubectl -o json object or List
+    elif _YAML_API.search(head) and _YAML_KIND.search(head):
+        return Detected(INVENTORY)
+    if layouts.looks_like_cri(lines[0]):
+        return Detected(LOGS, CRI)
+    if _looks_like_proxy_log(lines, custom_format=custom_format):
+        return Detected(LOGS, TEXT)
+    return Detected(None, reason="not an access log, inventory or flows file")
+
+
+def _looks_like_proxy_log(lines: list[str], *, custom_format: bool) -> bool:
+    arr = pa.array(lines, type=pa.string())
+    inner, _ = layouts.strip_kubectl(arr)
+    text, js = layouts.classify_lines(inner)
+    if text.any() or js.any():
+        return True
+    diag = pc.match_substring_regex(inner, layouts.PROXY_DIAG).to_numpy(zero_copy_only=False)
+    if diag.any():
+        return True  # proxy diagnostics only (no traffic yet): still the proxy's output
+    # A user's --envoy-format may look like anything; a text file is then taken as a log.
+    return custom_format
+
+
+def walk(path_arg: str) -> list[tuple[Path, Path | None]]:
+    """Files named by one argument: ``[(file, root)]``, root being the directory walked.
+
+    Directories are walked recursively in sorted order (deterministic); hidden entries
+    (``.git``, editor files) are skipped. A missing path raises InputError naming it.
+    """
+    p = Path(path_arg)
+    if not p.exists():
+        raise InputError("no such file or directory", origin=path_arg)
+    if p.is_file():
+        if not os.access(p, os.R_OK):
+            raise InputError("permission denied", origin=path_arg)
+        return [(p, None)]
+    if not p.is_dir():
+        raise InputError("not a regular file or directory", origin=path_arg)
+    out: list[tuple[Path, Path | None]] = []
+    for dirpath, dirnames, filenames in os.walk(p, onerror=_raise_walk, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                out.append((Path(dirpath) / name, p))
+    return out
+
+
+def _raise_walk(exc: OSError) -> None:
+    raise InputError(f"cannot read directory: {exc.strerror or exc}", origin=exc.filename) from exc
+
+
+def _split(data: bytes) -> pa.StringArray:
+    text = data.decode("utf-8", errors="replace")
+    lists = pc.split_pattern(pa.array([text], type=pa.large_string()), "\n")
+    lines = lists.values.cast(pa.string())
+    if "\r" in text:
+        lines = pc.utf8_rtrim(lines, characters="\r")
+    return lines
+
+
+def iter_line_chunks(
+    stream: BinaryIO, *, chunk_bytes: int = CHUNK_BYTES, max_lines: int = 65536
+) -> Iterator[tuple[pa.StringArray, int]]:
+    """``(lines, number of the first line)`` for chunks of whole lines of ``stream``.
+
+    Line numbers are 1-based. The final line needs no newline. A chunk holds at most
+    ``max_lines`` lines and about ``chunk_bytes`` bytes (more only for one longer line).
+    """
+    pending = b""
+    lineno = 1
+    while True:
+        block = stream.read(chunk_bytes)
+        if not block:
+            break
+        data = pending + block if pending else block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            pending = data
+            continue
+        pending = data[cut + 1 :]
+        lines = _split(data[:cut])
+        for start in range(0, len(lines), max_lines):
+            part = lines.slice(start, max_lines)
+            yield part, lineno
+            lineno += len(part)
+    if pending:
+        yield _split(pending), lineno
+
+
+def hash_lines(pods: pa.Array | str | None, lines: pa.StringArray) -> np.ndarray:
+    """64-bit dedupe keys for ``(pod, line)`` per row (``pods`` one value or one per row).
+
+    A constant pod and the same pod given per row hash identically (same formula).
+    """
+    h = hash_array(lines.to_numpy(zero_copy_only=False), categorize=False)
+    if pods is None or isinstance(pods, str):
+        pod_h = hash_array(np.array([pods or ""], dtype=object), categorize=False)
+    else:
+        pod_h = hash_array(pc.fill_null(pods, "").to_numpy(zero_copy_only=False), categorize=True)
+    # Rotate the pod hash before xor so that (pod, line) and (line, pod) differ.
+    mixed = (pod_h << np.uint64(17)) | (pod_h >> np.uint64(47))
+    return np.asarray(h ^ mixed, dtype=np.uint64)
+
+
+@dataclass
+class Deduper:
+    """Remembers 64-bit keys in sorted runs merged like a binary counter (O(n log n))."""
+
+    _runs: list[np.ndarray] = field(default_factory=list)
+    seen: int = 0
+
+    def __len__(self) -> int:
+        return self.seen
+
+    def _contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        for run in self._runs:
+            idx = np.searchsorted(run, keys)
+            idx[idx == len(run)] = 0
+            found |= run[idx] == keys
+        return found
+
+    def filter(self, keys: np.ndarray) -> np.ndarray:
+        """Mask of rows whose key is new (first occurrence, also within ``keys``); records them."""
+        if len(keys) == 0:
+            return np.zeros(0, dtype=bool)
+        keys = np.asarray(keys, dtype=np.uint64)
+        uniq, first = np.unique(keys, return_index=True)
+        new_mask = np.zeros(len(keys), dtype=bool)
+        fresh = ~self._contains(uniq)
+        new_mask[first[fresh]] = True
+        self._add(uniq[fresh])
+        return new_mask
+
+    def _add(self, run: np.ndarray) -> None:
+        if len(run) == 0:
+            return
+        self.seen += len(run)
+        while self._runs and len(self._runs[-1]) <= len(run):
+            # Runs are disjoint and sorted: timsort merges two runs in linear time.
+            run = np.concatenate([self._runs.pop(), run])
+            run.sort(kind="stable")
+        self._runs.append(run)
+
+
+def classify_paths(
+    paths: Sequence[str], *, custom_format: bool = False
+) -> tuple[list[tuple[Path | str, Path | None, Detected]], list[tuple[str, str]]]:
+    """Walk and classify every path: ``(recognised [(path, root, detected)], skipped)``.
+
+    A named file that is not recognised raises InputError; unrecognised files found in a
+    directory are skipped with a reason.
+    """
+    found: list[tuple[Path | str, Path | None, Detected]] = []
+    skipped: list[tuple[str, str]] = []
+    stdin_seen = False
+    for arg in paths:
+        if arg == STDIN:
+            if stdin_seen:
+                raise InputError("standard input named more than once", origin="<stdin>")
+            stdin_seen = True
+            found.append((STDIN, None, Detected(LOGS, None)))
+            continue
+        for path, root in walk(arg):
+            try:
+                size = path.stat().st_size
+                head = read_head(path)
+            except (InputError, OSError) as exc:
+                if root is None:
+                    raise InputError(f"cannot read: {exc}", origin=str(path)) from exc
+                skipped.append((str(path), f"unreadable: {exc}"))
+                continue
+            det = detect(head, complete=size <= len(head), custom_format=custom_format)
+            if det.kind is None:
+                if root is None:
+                    raise InputError(
+                        f"not a recognised input ({det.reason})",
+                        origin=str(path),
+                        hint="pass proxy access logs, a kubectl -o json/-o yaml inventory, "
+                        "or a meshwright flows .parquet file",
+                    )
+                skipped.append((str(path), det.reason))
+                continue
+            found.append((path, root, det))
+    return found, skipped

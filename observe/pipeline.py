@@ -1,0 +1,378 @@
+"""Observe: user-named paths -> flow record batches, with stats on everything not turned
+into a record.
+
+:func:`plan_inputs` walks and classifies the paths by content (access logs in any layout of
+:mod:`observe.layouts`, inventories, flows Parquet files); :func:`iter_flows` streams
+``FLOW_SCHEMA`` batches from the plan's logs and flows files, filling :class:`ObserveStats`:
+lines read, records made, proxy diagnostics ignored, malformed access lines (with
+``file:line: reason`` samples), duplicates dropped (see :class:`observe.inputs.Deduper`),
+files skipped.
+
+Per chunk of lines (~4 MiB): layout prefixes are stripped vectorized, lines are classified
+(access candidates vs. proxy diagnostics), deduped by 64-bit hash, parsed by
+:mod:`observe.envoy_format` and mapped by :mod:`observe.istio`. Memory is bounded by the
+chunk size plus the dedupe keys (8 bytes per distinct access line).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from observe import envoy_format, istio, layouts
+from observe.errors import InputError
+from observe.flows_io import read_flows
+from observe.inputs import (
+    CRI,
+    ENVELOPE,
+    FLOWS,
+    INVENTORY,
+    LOGS,
+    STDIN,
+    TEXT,
+    Deduper,
+    classify_paths,
+    detect,
+    display,
+    hash_lines,
+    iter_line_chunks,
+    open_input,
+    truncated,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES = 10
+SOURCE_TEXT = "istio-text"
+SOURCE_JSON = "istio-json"
+SOURCE_CUSTOM = "envoy-custom"
+
+
+@dataclass
+class ObserveOptions:
+    envoy_format: str | None = None
+    """A user's Envoy access-log format string (``--envoy-format``); None: Istio's."""
+    known_pods: frozenset[tuple[str, str]] = frozenset()
+    """``(namespace, pod)`` from the inventory: picks the right path components."""
+    batch_lines: int = 65536
+    progress: Callable[[int, int], None] | None = None
+    """Called with ``(bytes done, bytes total)`` after each chunk (total 0: unknown)."""
+
+
+@dataclass
+class ObserveStats:
+    files: int = 0
+    """Input files read (logs, stdin and flows files)."""
+    lines: int = 0
+    """Physical lines read from logs (CRI fragments and envelopes count one each)."""
+    records: int = 0
+    """Flow records yielded."""
+    ignored_lines: int = 0
+    """Lines that are not access logs (proxy diagnostics, blank lines)."""
+    malformed: int = 0
+    """Lines that look like access logs (or records of a layout) but don't parse."""
+    malformed_samples: list[str] = field(default_factory=list)
+    """Up to 10 ``file:line: reason``."""
+    duplicates: int = 0
+    """Access lines dropped because the same pod's same line was already read."""
+    by_source: dict[str, int] = field(default_factory=dict)
+    """Records per ``source`` value."""
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of files not (fully) read."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["by_source"] = dict(sorted(self.by_source.items()))
+        d["skipped_files"] = [list(s) for s in self.skipped_files]
+        return d
+
+    def malformed_line(self, origin: str, reason: str, count: int = 1) -> None:
+        self.malformed += count
+        if len(self.malformed_samples) < MAX_SAMPLES:
+            self.malformed_samples.append(f"{origin}: {reason}")
+
+    def add_records(self, source: str, n: int) -> None:
+        self.records += n
+        self.by_source[source] = self.by_source.get(source, 0) + n
+
+
+@dataclass
+class InputPlan:
+    logs: list[Path | str] = field(default_factory=list)
+    inventories: list[Path] = field(default_factory=list)
+    flow_files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    roots: dict[str, Path] = field(default_factory=dict)
+    """Log file -> the directory argument it was found under (for path layouts)."""
+
+
+def plan_inputs(paths: Sequence[str], *, envoy_format: str | None = None) -> InputPlan:
+    """Walk ``paths`` and sort files by content into logs, inventories and flows files.
+
+    ``-`` is standard input (always read as logs). A missing/unreadable path or a named file
+    that is not recognised raises InputError; unrecognised files inside a directory are
+    skipped with a reason. With a custom ``envoy_format`` any text file counts as a log.
+    """
+    found, skipped = classify_paths(paths, custom_format=envoy_format is not None)
+    plan = InputPlan(skipped=skipped)
+    seen: set[str] = set()
+    for path, root, det in found:
+        key = display(path) if path == STDIN else str(Path(path).resolve())
+        if key in seen:
+            continue  # the same file named twice (directly and via its directory)
+        seen.add(key)
+        if det.kind == LOGS:
+            plan.logs.append(path)
+            if root is not None:
+                plan.roots[str(path)] = root
+        elif det.kind == INVENTORY:
+            plan.inventories.append(Path(path))
+        elif det.kind == FLOWS:
+            plan.flow_files.append(Path(path))
+    return plan
+
+
+def _origins(name: str, linenos: np.ndarray) -> pa.Array:
+    nums = pc.cast(pa.array(linenos, type=pa.int64()), pa.string())
+    return pc.binary_join_element_wise(pa.scalar(name + ":"), nums, "")
+
+
+def _constant(value: str | None, n: int) -> pa.Array:
+    if value is None:
+        return pa.nulls(n, type=pa.string())
+    return pa.repeat(pa.scalar(value, type=pa.string()), n)
+
+
+class _Reader:
+    """State shared by the files of one ``iter_flows`` run."""
+
+    def __init__(self, plan: InputPlan, options: ObserveOptions, stats: ObserveStats):
+        self.plan = plan
+        self.options = options
+        self.stats = stats
+        self.fmt = (
+            envoy_format.compile_format(options.envoy_format) if options.envoy_format else None
+        )
+        self.text_source = SOURCE_CUSTOM if self.fmt is not None else SOURCE_TEXT
+        self.dedupe = Deduper() if len(plan.logs) > 1 else None
+        self.total = sum(_size(p) for p in [*plan.logs, *plan.flow_files])
+        self.done = 0
+
+    def progress(self, extra: int = 0) -> None:
+        if self.options.progress is not None:
+            self.options.progress(self.done + extra, self.total)
+
+    # -- one log file -------------------------------------------------------------------
+
+    def read_log(self, path: Path | str) -> Iterator[pa.RecordBatch]:
+        name = display(path)
+        root = self.plan.roots.get(str(path))
+        known = self.options.known_pods
+        ref = (
+            layouts.PodRef()
+            if path == STDIN
+            else layouts.pod_from_path(path, root=root, known_pods=known)
+        )
+        self.stats.files += 1
+        layout: str | None = None
+        joiner = layouts.CriJoiner()
+        read_lines = 0
+        with open_input(path) as (stream, counter):
+            chunks = iter_line_chunks(stream, max_lines=self.options.batch_lines)
+            try:
+                for lines, first in chunks:
+                    read_lines = first + len(lines) - 1
+                    self.stats.lines += len(lines)
+                    if layout is None:
+                        layout = _layout(lines)
+                    if layout == CRI:
+                        inner, linenos = joiner.feed(lines, first)
+                        for no in joiner.malformed:
+                            self.stats.malformed_line(f"{name}:{no}", "not a CRI log line")
+                        joiner.malformed.clear()
+                        yield from self.process(inner, linenos, name, ref, None)
+                    elif layout == ENVELOPE:
+                        un = layouts.unwrap_envelopes(lines, first, fallback=ref, known_pods=known)
+                        for no, reason in un.bad:
+                            self.stats.malformed_line(f"{name}:{no}", reason)
+                        yield from self.process(
+                            un.lines, un.linenos, name, ref, (un.pods, un.reporters)
+                        )
+                    else:
+                        linenos = np.arange(first, first + len(lines), dtype=np.int64)
+                        yield from self.process(lines, linenos, name, ref, None, kubectl=True)
+                    self.progress(counter.count)
+            except (EOFError, zlib.error, OSError) as exc:
+                # A gzip cut short (copied while being written) keeps what was read.
+                reason = f"read error after line {read_lines}: {exc}"
+                log.warning("%s: %s", name, reason)
+                self.stats.skipped_files.append((name, reason))
+            if truncated(stream):
+                reason = f"gzip truncated after line {read_lines}; the lines before were read"
+                log.warning("%s: %s", name, reason)
+                self.stats.skipped_files.append((name, reason))
+            if layout == CRI:
+                inner, linenos = joiner.flush()
+                if len(inner):
+                    yield from self.process(inner, linenos, name, ref, None)
+            self.done += counter.count
+        self.progress()
+
+    def process(
+        self,
+        lines: pa.StringArray,
+        linenos: np.ndarray,
+        name: str,
+        ref: layouts.PodRef,
+        per_row: tuple[pa.Array, pa.Array] | None,
+        *,
+        kubectl: bool = False,
+    ) -> Iterator[pa.RecordBatch]:
+        """Classify, dedupe, parse and map one chunk of (unwrapped) lines."""
+        if len(lines) == 0:
+            return
+        pods: pa.Array | str | None = ref.pod
+        reporters: pa.Array | None = per_row[1] if per_row else None
+        if per_row is not None:
+            pods = per_row[0]
+        inner = lines
+        if kubectl:
+            inner, prefixed = layouts.strip_kubectl(lines)
+            if prefixed is not None:
+                pods = pc.fill_null(prefixed, ref.pod) if ref.pod else prefixed
+                reporters = layouts.reporters_for_pods(
+                    prefixed, namespace=ref.namespace, known_pods=self.options.known_pods
+                )
+                if ref.reporter is not None:
+                    reporters = pc.fill_null(reporters, ref.reporter)
+        is_text, is_json = layouts.classify_lines(inner, custom_format=self.fmt is not None)
+        candidates = is_text | is_json
+        self.stats.ignored_lines += int(len(candidates) - candidates.sum())
+        if self.dedupe is not None and candidates.any():
+            idx = np.flatnonzero(candidates)
+            row_pods = pods.take(pa.array(idx)) if isinstance(pods, pa.Array) else pods
+            keys = hash_lines(row_pods, inner.take(pa.array(idx)))
+            new = self.dedupe.filter(keys)
+            dup = idx[~new]
+            self.stats.duplicates += len(dup)
+            is_text[dup] = False
+            is_json[dup] = False
+        for mask, source in ((is_text, self.text_source), (is_json, SOURCE_JSON)):
+            if not mask.any():
+                continue
+            idx = np.flatnonzero(mask)
+            sub = inner.take(pa.array(idx))
+            if source == SOURCE_JSON:
+                parsed = envoy_format.parse_json(sub)
+            else:
+                parsed = envoy_format.parse_text(sub, self.fmt)
+            good = np.asarray(parsed.good, dtype=bool)
+            bad = int(len(good) - good.sum())
+            if bad:
+                reasons = dict(parsed.errors)
+                for i in np.flatnonzero(~good)[:MAX_SAMPLES]:
+                    origin = f"{name}:{linenos[idx[i]]}"
+                    self.stats.malformed_line(origin, reasons.get(int(i), "unparsed access line"))
+                rest = bad - min(bad, MAX_SAMPLES)
+                if rest:
+                    self.stats.malformed += rest
+            keep = idx[good]
+            if len(keep) == 0:
+                continue
+            take = pa.array(keep)
+            rep = (
+                reporters.take(take)
+                if reporters is not None
+                else _constant(ref.reporter, len(keep))
+            )
+            batch = istio.to_flows(
+                parsed.fields,
+                reporter=rep,
+                origin=_origins(name, linenos[keep]),
+                source=source,
+            )
+            if batch.num_rows:
+                self.stats.add_records(source, batch.num_rows)
+                yield batch
+
+    # -- one flows file -----------------------------------------------------------------
+
+    def read_flow_file(self, path: Path) -> Iterator[pa.RecordBatch]:
+        self.stats.files += 1
+        for batch in read_flows(path, batch_size=self.options.batch_lines):
+            counts = pc.value_counts(pc.fill_null(batch.column("source"), "unknown"))
+            for item in counts.to_pylist():
+                self.stats.add_records(item["values"], item["counts"])
+            yield batch
+        self.done += _size(path)
+        self.progress()
+
+
+def _size(path: Path | str) -> int:
+    if path == STDIN:
+        return 0
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def _layout(lines: pa.StringArray) -> str:
+    """The layout of a log file, from the non-empty lines of its first chunk."""
+    head = [ln for ln in lines.slice(0, 256).to_pylist() if ln and ln.strip()][:64]
+    if not head:
+        return TEXT
+    det = detect("\n".join(head).encode(), complete=True)
+    return det.layout or TEXT
+
+
+def iter_flows(
+    plan: InputPlan, options: ObserveOptions, stats: ObserveStats
+) -> Iterator[pa.RecordBatch]:
+    """FLOW_SCHEMA batches from the plan's logs, then its flows files, updating ``stats``.
+
+    Raises FormatError for a bad ``options.envoy_format`` and InputError for unreadable
+    inputs; line-level problems are counted in ``stats``, never raised.
+    """
+    reader = _Reader(plan, options, stats)
+    stats.skipped_files.extend(plan.skipped)
+    for path in plan.logs:
+        yield from reader.read_log(path)
+    for path in plan.flow_files:
+        yield from reader.read_flow_file(path)
+
+
+@dataclass
+class ObserveRun:
+    """A planned observe run: iterate ``batches`` once; ``stats`` is complete afterwards."""
+
+    plan: InputPlan
+    stats: ObserveStats
+    batches: Iterator[pa.RecordBatch]
+
+
+def observe_inputs(paths: Sequence[str], options: ObserveOptions) -> ObserveRun:
+    """Plan ``paths`` and return the (lazy) run over them."""
+    plan = plan_inputs(paths, envoy_format=options.envoy_format)
+    stats = ObserveStats()
+    return ObserveRun(plan, stats, iter_flows(plan, options, stats))
+
+
+__all__ = [
+    "InputError",
+    "InputPlan",
+    "ObserveOptions",
+    "ObserveRun",
+    "ObserveStats",
+    "iter_flows",
+    "observe_inputs",
+    "plan_inputs",
+]

@@ -1,0 +1,115 @@
+"""Parquet flows files: round trip, atomic writes, schema validation on read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from observe.errors import InputError
+from observe.flows_io import FlowWriter, looks_like_parquet, read_flows, write_flows
+from observe.schema import FLOW_SCHEMA, conform
+
+
+def batch(n: int, offset: int = 0) -> pa.RecordBatch:
+    rows = [
+        {
+            "time": datetime(2020, 11, 25, 21, 26, 18, 409000, tzinfo=UTC),
+            "duration_ms": 4 + i,
+            "src_ip": "10.44.1.23",
+            "dst_ip": "10.44.1.27",
+            "dst_port": 80,
+            "method": "GET",
+            "path": f"/status/{418 + i + offset}",
+            "status": 418,
+            "reporter": "foo/sleep-1" if i % 2 else None,
+            "denied": False,
+            "source": "istio-text",
+            "origin": f"dump/foo/sleep-1.log:{i + offset + 1}",
+        }
+        for i in range(n)
+    ]
+    return conform(pa.Table.from_pylist(rows))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    batches = [batch(3), batch(2, offset=3)]
+    assert write_flows(batches, path) == 5
+    got = list(read_flows(path))
+    assert all(b.schema.equals(FLOW_SCHEMA, check_metadata=True) for b in got)
+    assert pa.Table.from_batches(got).equals(pa.Table.from_batches(batches))
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 2
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_read_columns_and_small_batches(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    write_flows([batch(5)], path)
+    got = list(read_flows(path, columns=["path", "origin"], batch_size=2))
+    assert [b.num_rows for b in got] == [2, 2, 1]
+    assert got[0].schema.names == ["path", "origin"]
+    assert got[2].column("origin").to_pylist() == ["dump/foo/sleep-1.log:5"]
+    with pytest.raises(InputError, match="unknown flow columns: nope"):
+        list(read_flows(path, columns=["nope"]))
+
+
+def test_writer_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    with pytest.raises(RuntimeError), FlowWriter(path) as writer:
+        writer.write(batch(2))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary remains
+    with FlowWriter(path) as writer:
+        writer.write(batch(1))
+        writer.write(batch(0))  # empty batches are skipped
+        assert not path.exists()  # only appears on clean exit
+    assert writer.rows == 1 and path.exists()
+
+
+def test_writer_conforms_partial_batches(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    partial = pa.RecordBatch.from_pylist([{"src_ip": "10.0.0.1", "source": "x"}])
+    write_flows([partial], path)
+    (got,) = read_flows(path)
+    assert got.column("src_ip").to_pylist() == ["10.0.0.1"]
+    assert got.column("dst_ip").to_pylist() == [None]
+
+
+def test_read_rejects_non_flows(tmp_path: Path) -> None:
+    text = tmp_path / "x.parquet"
+    text.write_text("not parquet at all")
+    with pytest.raises(InputError, match="not a readable Parquet file") as err:
+        list(read_flows(text))
+    assert err.value.origin == str(text)
+
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), foreign)
+    with pytest.raises(InputError, match="not a meshwright flows file"):
+        list(read_flows(foreign))
+
+    old = tmp_path / "old.parquet"
+    table = pa.Table.from_batches([batch(1)])
+    pq.write_table(table.replace_schema_metadata({"meshwright.schema_version": "0"}), old)
+    with pytest.raises(InputError, match="schema version 0"):
+        list(read_flows(old))
+
+    lacking = tmp_path / "lacking.parquet"
+    pq.write_table(table.drop_columns(["origin"]), lacking)
+    with pytest.raises(InputError, match="lacks column 'origin'"):
+        list(read_flows(lacking))
+
+    with pytest.raises(InputError, match="no such file"):
+        list(read_flows(tmp_path / "missing.parquet"))
+
+
+def test_looks_like_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    write_flows([batch(1)], path)
+    assert looks_like_parquet(path.read_bytes()[:8])
+    assert not looks_like_parquet(b"PAR")
+    assert not looks_like_parquet(b"[2020-11-25T21:26:18.409Z]")
