@@ -101,7 +101,7 @@ class Edge:
     active_minutes: int = 0
     """Distinct minutes in which the edge was seen (for 'seen only a handful of times')."""
     source_ips: list[str] = field(default_factory=list)
-    """Client addresses of requests without a verified identity (plaintext/unknown), for ipBlocks."""
+    """Client addresses of requests without a verified identity (plaintext/unknown): ipBlocks."""
     hosts: list[str] = field(default_factory=list)
     """Destination host names seen (authority / service FQDN), for external egress."""
     evidence: list[str] = field(default_factory=list)

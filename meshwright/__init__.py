@@ -1,3 +1,3 @@
-"""meshwright: learn how services really talk, propose the zero-trust policy that allows exactly that."""
+"""meshwright: learn how services really talk; propose the policy that allows exactly that."""
 
 __version__ = "0.1.0"

@@ -27,7 +27,8 @@ examples:
   meshwright analyze samples/bookinfo -o out/
       everything in the directory is recognised by content: logs, inventory, flow files
   meshwright analyze logs/ --inventory cluster.json --trust-domain prod.example -o out/
-  kubectl logs deploy/reviews-v1 -c istio-proxy | meshwright analyze - --inventory cluster.json -o out/
+  kubectl logs deploy/reviews-v1 -c istio-proxy |
+      meshwright analyze - --inventory cluster.json -o out/
   meshwright analyze flows.parquet --inventory cluster.json --plaintext deny -o out/
   meshwright analyze logs/ --kube --context prod -o out/     (inventory from the live API)
 

@@ -7,16 +7,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from emit import outputs, report
-from emit.istio import istio_manifests
-from learn import paths
-from learn.findings import find
-from learn.graph import GraphBuilder
-from learn.identity import IdentityResolver
 from observe.errors import InputError, UsageError
 from observe.flows_io import FlowWriter, read_flows
-from observe.inventory import Inventory, load_inventory
+
+if TYPE_CHECKING:
+    from observe.inventory import Inventory
 from observe.pipeline import InputPlan, ObserveOptions, ObserveStats, iter_flows, plan_inputs
 
 EXIT_OK = 0
@@ -95,6 +92,8 @@ def observe(args: argparse.Namespace) -> int:
 
 
 def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:
+    from observe.inventory import load_inventory
+
     inventory = load_inventory([Path(p) for p in [*args.inventory, *found]])
     if args.kube:
         from observe.kube import load_live_inventory
@@ -106,6 +105,14 @@ def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:
 
 
 def analyze(args: argparse.Namespace) -> int:
+    # Imported here so that `observe` (the hot path on big dumps) doesn't pay for pandas & co.
+    from emit import outputs, report
+    from emit.istio import istio_manifests
+    from learn import paths
+    from learn.findings import find
+    from learn.graph import GraphBuilder
+    from learn.identity import IdentityResolver
+
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory", hint="-o names a directory")
