@@ -518,7 +518,9 @@ class IdentityResolver:
             reporter_of = any(wid == node_id for wid, _ in self._reporters.values())
             return Node(id=node_id, kind=kind, namespace=ns or None, workload=name or None,
                         meshed=True if reporter_of else None, in_inventory=False)
-        sa = wl.service_account or "default"
+        # The pods are what runs: their SA wins over a template that may have changed since.
+        pod_sas = {p.service_account or "default" for p in self.inventory.pods_of(wl)}
+        sa = pod_sas.pop() if len(pod_sas) == 1 else wl.service_account or "default"
         return Node(
             id=node_id, kind=wl.kind, namespace=wl.namespace, workload=wl.name,
             service_account=sa, principal=f"{self.trust_domain}/ns/{wl.namespace}/sa/{sa}",

@@ -15,6 +15,7 @@ from observe.flows_io import FlowWriter, read_flows
 if TYPE_CHECKING:
     from observe.inventory import Inventory
 from observe.pipeline import InputPlan, ObserveOptions, ObserveStats, iter_flows, plan_inputs
+from observe.schema import without_learned
 
 EXIT_OK = 0
 EXIT_NO_FLOWS = 4
@@ -148,7 +149,7 @@ def analyze(args: argparse.Namespace) -> int:
         )
         with FlowWriter(out / "flows.parquet") as writer:
             for batch in read_flows(raw):
-                resolved = resolver.resolve(batch)
+                resolved = resolver.resolve(without_learned(batch))
                 builder.add(resolved)
                 writer.write(resolved)
     finally:

@@ -60,6 +60,8 @@ FIELDS: tuple[Field, ...] = (
         "dst_workload", pa.string(),
         "Resolved server node id ('<ns>/<workload>', 'external:..').",
     ),
+    Field("src_pod", pa.string(), "Resolved client pod '<ns>/<pod>' (filled by learn)."),
+    Field("dst_pod", pa.string(), "Resolved server pod '<ns>/<pod>' (filled by learn)."),
     Field(
         "src_principal", pa.string(),
         "Client identity the evidence proves ('<td>/ns/<ns>/sa/<sa>').",
@@ -134,3 +136,16 @@ def schema_markdown() -> str:
     rows = ["| field | type | meaning |", "|---|---|---|"]
     rows += [f"| `{f.name}` | {f.type} | {f.doc} |" for f in FIELDS]
     return "\n".join(rows) + "\n"
+
+
+#: Columns the learn stage fills; cleared before re-learning a flows file.
+LEARNED_COLUMNS = ("src_workload", "dst_workload", "src_pod", "dst_pod")
+
+
+def without_learned(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with the learned identity columns nulled, to resolve them afresh."""
+    columns = [
+        pa.nulls(batch.num_rows, type=f.type) if f.name in LEARNED_COLUMNS else batch.column(i)
+        for i, f in enumerate(batch.schema)
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)

@@ -579,7 +579,9 @@ def build_inventory(seed: int) -> dict[str, object]:
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": _meta("nightly-report", "bookinfo", cron_uid, DEPLOYED, {"app": CRON.app}),
         "spec": {"concurrencyPolicy": "Forbid", "failedJobsHistoryLimit": 1,
-                 "jobTemplate": job_template, "schedule": "30 9 * * *",
+                 "jobTemplate": {"metadata": {"creationTimestamp": None},
+                                 "spec": {"template": job_template}},
+                 "schedule": "30 9 * * *",
                  "successfulJobsHistoryLimit": 3, "suspend": False},
         "status": {"lastScheduleTime": ts(CRON_AT), "lastSuccessfulTime": ts(finished)},
     })

@@ -20,15 +20,11 @@ def _batch(rows: list[dict[str, Any]], with_pods: bool = True) -> pa.RecordBatch
         "bytes_in": 0, "bytes_out": 100, "mtls": "mtls", "denied": False, "source": "test",
     }
     full = [{**base, **r} for r in rows]
-    batch = conform(pa.Table.from_pylist(
+    if not with_pods:
+        full = [{k: v for k, v in r.items() if k not in ("src_pod", "dst_pod")} for r in full]
+    return conform(pa.Table.from_pylist(
         [{k: v for k, v in r.items() if k in FLOW_SCHEMA.names} for r in full]
     ))
-    if not with_pods:
-        return batch
-    table = pa.Table.from_batches([batch])
-    table = table.append_column("src_pod", pa.array([r.get("src_pod") for r in full], pa.string()))
-    table = table.append_column("dst_pod", pa.array([r.get("dst_pod") for r in full], pa.string()))
-    return table.to_batches()[0]
 
 
 def _node(node_id: str) -> Node:
