@@ -86,7 +86,9 @@ def observe(args: argparse.Namespace) -> int:
     if target.is_dir():
         raise UsageError(f"{target} is a directory; -o names the Parquet file to write",
                          hint="e.g. -o flows.parquet")
-    stats = _observe_to(args, plan_inputs(list(args.inputs)), target, frozenset())
+    stats = _observe_to(
+        args, plan_inputs(list(args.inputs), envoy_format=args.envoy_format), target, frozenset()
+    )
     _report_observe(args, stats)
     _say(args, f"meshwright: wrote {target}")
     return EXIT_OK if stats.records else EXIT_NO_FLOWS
@@ -121,7 +123,7 @@ def analyze(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise InputError("inventory file not found", origin=path)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_inputs(list(args.inputs))
+    plan = plan_inputs(list(args.inputs), envoy_format=args.envoy_format)
     inventory = _inventory(args, list(plan.inventories))
     known_pods = frozenset((p.namespace, p.name) for p in inventory.pods)
 
