@@ -117,7 +117,9 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
     skipped = stats.get("skipped_files") or []
     if skipped:
         lines += ["", "Skipped input files:", ""]
-        lines += [f"- `{_cell(s)}`" for s in sorted(map(str, skipped))]
+        for entry in sorted(skipped, key=str):
+            path, reason = (entry[0], entry[1]) if isinstance(entry, list | tuple) else (entry, "")
+            lines.append(f"- `{_cell(str(path))}`" + (f": {_cell(str(reason))}" if reason else ""))
     return lines
 
 
@@ -225,9 +227,16 @@ def _limits(graph: Graph, excluded: list[dict[str, Any]], stats: dict[str, Any],
     lines = ["## What the evidence cannot vouch for", ""]
     lines += ["### Idle workloads", ""]
     if graph.idle_workloads:
-        lines += ["No traffic was seen to these; `allow-nothing` denies them everything. If "
-                  "they serve anything outside the window, it will break:", ""]
-        lines += [f"- `{w}`" for w in sorted(graph.idle_workloads)]
+        guarded = {m["metadata"]["namespace"] for m in manifests
+                   if m.get("kind") == "AuthorizationPolicy" and not m.get("spec")}
+        lines += ["No traffic was seen to these. Where their namespace gets `allow-nothing`, "
+                  "they are denied everything: if they serve anything outside the window, it "
+                  "will break.", ""]
+        for w in sorted(graph.idle_workloads):
+            ns = w.split("/", 1)[0]
+            effect = ("denied everything by `allow-nothing`" if ns in guarded
+                      else "no policy proposed in this namespace: left as it is")
+            lines.append(f"- `{w}`: {effect}")
     else:
         lines.append("None.")
     lines.append("")

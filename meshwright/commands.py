@@ -160,7 +160,7 @@ def analyze(args: argparse.Namespace) -> int:
 
     idle = [n.id for n in resolver.workloads()]
     graph = builder.build(
-        resolver.node, idle=idle, ambiguities=resolver.ambiguities,
+        resolver.node, idle=idle, ambiguities=[*resolver.ambiguities, *resolver.inferred],
         trust_domain=args.trust_domain,
     )
     findings = find(graph)
