@@ -30,6 +30,9 @@ MAX_SOURCE_IPS = 1024
 EVIDENCE_SAMPLES = 3
 
 EdgeKey = tuple[str, str, int, str]
+_KEYS = ("src_workload", "dst_workload", "dst_port", "protocol")
+#: Host names remembered per edge.
+MAX_HOSTS = 16
 
 _COLUMNS = [
     "time", "src_ip", "dst_port", "direction", "reporter", "src_workload", "dst_workload",
@@ -116,9 +119,73 @@ class GraphBuilder:
             hour=frame["time"].dt.hour,
             minute=(frame["time"].astype("int64") // 60_000_000),
         )
-        keys = ["src_workload", "dst_workload", "dst_port", "protocol"]
-        for key, group in frame.groupby(keys, sort=True, dropna=False):
-            self._merge((str(key[0]), str(key[1]), int(key[2]), str(key[3])), group)
+        self._aggregate(frame)
+
+    def _acc(self, key: tuple[object, ...]) -> _EdgeAcc:
+        edge_key = (str(key[0]), str(key[1]), int(key[2]), str(key[3]))  # type: ignore[call-overload]
+        acc = self._edges.get(edge_key)
+        if acc is None:
+            acc = self._edges[edge_key] = _EdgeAcc()
+        return acc
+
+    def _aggregate(self, frame: pd.DataFrame) -> None:
+        """Fold one batch into the accumulators: one grouped pass per statistic, so the
+        Python work scales with distinct (edge, value) pairs, not with records."""
+        keys = list(_KEYS)
+        totals = frame.groupby(keys, sort=False).agg(
+            requests=("bytes", "size"), bytes=("bytes", "sum"), denied=("denied", "sum"),
+            first=("time", "min"), last=("time", "max"),
+        )
+        for key, row in zip(totals.index, totals.itertuples(index=False), strict=True):
+            acc = self._acc(key)
+            acc.requests += int(row.requests)
+            acc.bytes += int(row.bytes)
+            acc.denied += int(row.denied)
+            first, last = row.first.to_pydatetime(), row.last.to_pydatetime()
+            acc.first = first if acc.first is None else min(acc.first, first)
+            acc.last = last if acc.last is None else max(acc.last, last)
+        for column, target in (("mtls", "mtls"), ("status_class", "classes")):
+            for (*key, value), count in frame.groupby([*keys, column], sort=False).size().items():
+                getattr(self._acc(tuple(key)), target)[str(value)] += int(count)
+        for column, target in (("hour", "hours"), ("minute", "minutes")):
+            for (*key, value) in frame[[*keys, column]].drop_duplicates().itertuples(index=False):
+                getattr(self._acc(tuple(key)), target).add(int(value))
+        self._aggregate_operations(frame, keys)
+        weak = frame[(frame["mtls"] != "mtls") & frame["src_ip"].notna()]
+        for (*key, ip) in weak[[*keys, "src_ip"]].drop_duplicates().itertuples(index=False):
+            acc = self._acc(tuple(key))
+            if len(acc.source_ips) >= MAX_SOURCE_IPS and ip not in acc.source_ips:
+                acc.source_ips_truncated = True
+            else:
+                acc.source_ips.add(str(ip))
+        for column in ("authority", "service_host"):
+            hosts = frame[frame[column].notna()][[*keys, column]].drop_duplicates()
+            for (*key, host) in hosts.itertuples(index=False):
+                acc = self._acc(tuple(key))
+                if len(acc.hosts) < MAX_HOSTS:
+                    acc.hosts.add(str(host))
+        samples = frame.sort_values(["time", "origin"]).groupby(keys, sort=False).head(
+            EVIDENCE_SAMPLES)
+        for (*key, t, origin) in samples[[*keys, "time", "origin"]].itertuples(index=False):
+            acc = self._acc(tuple(key))
+            acc.evidence = heapq.nsmallest(
+                EVIDENCE_SAMPLES, [*acc.evidence, (t.to_pydatetime(), str(origin))])
+
+    def _aggregate_operations(self, frame: pd.DataFrame, keys: list[str]) -> None:
+        http = frame[frame["protocol"].isin(("http", "grpc")) & ~frame["denied"]]
+        if http.empty:
+            return
+        paths = http["path"].fillna("/")
+        uniques = pd.unique(pd.Series(list(zip(paths, http["protocol"], strict=True))))
+        families = {pp: self._family(str(pp[0]), str(pp[1])) for pp in uniques}
+        http = http.assign(
+            method=http["method"].fillna("-"),
+            family=[families[pp] for pp in zip(paths, http["protocol"], strict=True)],
+        )
+        for (*key, method, family), count in http.groupby(
+            [*keys, "method", "family"], sort=False
+        ).size().items():
+            self._acc(tuple(key)).operations[(str(method), str(family))] += int(count)
 
     def _counted_mask(self, table: pa.Table) -> pa.ChunkedArray:
         if "dst_pod" not in table.column_names or not self.inbound_reporters:
@@ -137,43 +204,6 @@ class GraphBuilder:
             if len(self._family_cache) < 200_000:
                 self._family_cache[key] = fam
         return fam
-
-    def _merge(self, key: EdgeKey, group: pd.DataFrame) -> None:
-        acc = self._edges.get(key)
-        if acc is None:
-            acc = self._edges[key] = _EdgeAcc()
-        acc.requests += len(group)
-        acc.bytes += int(group["bytes"].sum())
-        acc.mtls.update(group["mtls"].value_counts().to_dict())
-        allowed = group[~group["denied"]]
-        acc.denied += len(group) - len(allowed)
-        acc.classes.update(group["status_class"].value_counts().to_dict())
-        times = group["time"]
-        first, last = times.min().to_pydatetime(), times.max().to_pydatetime()
-        acc.first = first if acc.first is None else min(acc.first, first)
-        acc.last = last if acc.last is None else max(acc.last, last)
-        acc.hours.update(int(h) for h in group["hour"].unique())
-        acc.minutes.update(int(m) for m in group["minute"].unique())
-        protocol = key[3]
-        if protocol in ("http", "grpc") and not allowed.empty:
-            ops = allowed.groupby(
-                [allowed["method"].fillna("-"), allowed["path"].fillna("/")], sort=True
-            ).size()
-            for (method, path), count in ops.items():
-                acc.operations[(str(method), self._family(str(path), protocol))] += int(count)
-        weak = group[group["mtls"] != "mtls"]["src_ip"].dropna().unique()
-        for ip in sorted(str(x) for x in weak):
-            if len(acc.source_ips) >= MAX_SOURCE_IPS and ip not in acc.source_ips:
-                acc.source_ips_truncated = True
-                break
-            acc.source_ips.add(ip)
-        for column in ("authority", "service_host"):
-            if column in group:
-                acc.hosts.update(str(h) for h in group[column].dropna().unique()[:16])
-        sample = group.sort_values(["time", "origin"]).head(EVIDENCE_SAMPLES)
-        samples = zip(sample["time"], sample["origin"], strict=True)
-        merged = acc.evidence + [(t.to_pydatetime(), str(o)) for t, o in samples]
-        acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, merged)
 
     # -- result ----------------------------------------------------------------------------
     def build(self, nodes: Callable[[str], Node], *, idle: Iterable[str] = (),
