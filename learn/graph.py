@@ -176,12 +176,13 @@ class GraphBuilder:
         if http.empty:
             return
         paths = http["path"].fillna("/")
-        uniques = pd.unique(pd.Series(list(zip(paths, http["protocol"], strict=True))))
-        families = {pp: self._family(str(pp[0]), str(pp[1])) for pp in uniques}
-        http = http.assign(
-            method=http["method"].fillna("-"),
-            family=[families[pp] for pp in zip(paths, http["protocol"], strict=True)],
-        )
+        family = pd.Series("", index=http.index, dtype=object)
+        for protocol in http["protocol"].unique():
+            mask = http["protocol"] == protocol
+            some = paths[mask]
+            mapping = {p: self._family(str(p), str(protocol)) for p in some.unique()}
+            family[mask] = some.map(mapping)
+        http = http.assign(method=http["method"].fillna("-"), family=family)
         for (*key, method, family), count in http.groupby(
             [*keys, "method", "family"], sort=False
         ).size().items():

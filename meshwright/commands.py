@@ -109,6 +109,8 @@ def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:
 
 def analyze(args: argparse.Namespace) -> int:
     # Imported here so that `observe` (the hot path on big dumps) doesn't pay for pandas & co.
+    import pyarrow.compute as pc
+
     from emit import outputs, report
     from emit.istio import istio_manifests
     from learn import paths
@@ -139,10 +141,9 @@ def analyze(args: argparse.Namespace) -> int:
         lease_columns = ["time", "direction", "reporter", "src_ip", "dst_ip"]
         for batch in read_flows(raw, columns=lease_columns):
             resolver.learn_leases(batch)
-            table = batch.to_pydict()
+            inbound = batch.filter(pc.fill_null(pc.equal(batch["direction"], "inbound"), False))
             inbound_reporters.update(
-                r for r, d in zip(table["reporter"], table["direction"], strict=True)
-                if r and d == "inbound"
+                r for r in pc.unique(inbound["reporter"]).to_pylist() if r
             )
         builder = GraphBuilder(
             inbound_reporters=inbound_reporters,
