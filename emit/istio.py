@@ -266,6 +266,8 @@ def plan_istio(
     excluded: list[dict[str, Any]] = []
     policies: list[tuple[dict[str, Any], PolicyExplanation]] = []
     ns_edges: dict[str, list[Edge]] = defaultdict(list)
+    #: namespace -> destinations with observed, allowed traffic that got no covering policy.
+    uncovered: dict[str, list[str]] = defaultdict(list)
 
     by_dest: dict[str, list[Edge]] = defaultdict(list)
     for edge in graph.edges:
@@ -275,17 +277,26 @@ def plan_istio(
     for dest_id in sorted(by_dest):
         edges = sorted(by_dest[dest_id], key=lambda e: (e.source, e.port, e.protocol))
         node = graph.nodes.get(dest_id)
+        live = [e for e in edges if e.requests > e.denied_requests]
         if dest_id.startswith(NON_WORKLOAD_PREFIXES):
             excluded += [_excluded(e, "destination is not a workload in the mesh; no policy")
                          for e in edges]
+            if dest_id.startswith("service:") and live:
+                # Traffic to a Service whose backing workload is ambiguous may land on any of
+                # them: a namespace default-deny could break it.
+                uncovered[dest_id[len("service:"):].split("/", 1)[0]].append(dest_id)
             continue
         if node is None or not node.namespace or not node.workload:
             excluded += [_excluded(e, "destination workload not in the graph's nodes")
                          for e in edges]
+            if live and "/" in dest_id:
+                uncovered[dest_id.split("/", 1)[0]].append(dest_id)
             continue
         if not node.selector:
             excluded += [_excluded(e, "destination has no pod selector; a policy without one "
                                       "would select the whole namespace") for e in edges]
+            if live:
+                uncovered[node.namespace].append(dest_id)
             continue
         gateway = is_gateway(node)
         if node.namespace in system_namespaces and not gateway:
@@ -317,6 +328,7 @@ def plan_istio(
 
         ap_pa = _workload_policies(graph, node, name, allowed, plaintext, dry_run, excluded)
         if ap_pa is None:
+            uncovered[node.namespace].append(dest_id)
             continue
         policies.extend(ap_pa)
         ns_edges[node.namespace].extend(allowed)
@@ -324,6 +336,15 @@ def plan_istio(
     manifests_expl = list(policies)
     for ns in sorted(ns_edges):
         if ns in system_namespaces:
+            continue
+        if uncovered.get(ns):
+            # A default-deny would break observed traffic that no workload policy expresses.
+            excluded.append({
+                "source": None, "destination": f"namespace {ns}", "port": None,
+                "reason": "allow-nothing and STRICT PeerAuthentication withheld: observed "
+                          "traffic to " + ", ".join(sorted(set(uncovered[ns])))
+                          + " could not be expressed as a workload policy",
+            })
             continue
         edges = ns_edges[ns]
         manifests_expl.append((

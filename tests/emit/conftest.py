@@ -64,7 +64,7 @@ def bookinfo(seed: int | None = None) -> Graph:
         _wl("default", "mysqldb-v1", "mysqldb", "v1", "bookinfo-mysql", kind="StatefulSet"),
         _wl("default", "legacy-client", "legacy-client", None, "default", meshed=False),
         _wl("default", "idle-v1", "idle", "v1", "idle"),
-        Node(id="default/orphan", kind="Pod", namespace="default", workload="orphan",
+        Node(id="scratch/orphan", kind="Pod", namespace="scratch", workload="orphan",
              selector={}, meshed=True, in_inventory=False),
         Node(id="external:203.0.113.7", kind="external", ips=["203.0.113.7"]),
         Node(id="external:api.example.com", kind="external"),
@@ -97,7 +97,7 @@ def bookinfo(seed: int | None = None) -> Graph:
         _edge(pp, "istio-system/istiod", 15012, "grpc",
               _ops(("POST", "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
                              "StreamAggregatedResources", 1))),
-        _edge(pp, "default/orphan", 8080, "http", _ops(("GET", "/", 2))),
+        _edge(pp, "scratch/orphan", 8080, "http", _ops(("GET", "/", 2))),
     ]
     if seed is not None:
         rng = random.Random(seed)

@@ -238,7 +238,7 @@ def test_denied_external_and_selectorless_are_excluded(make_bookinfo: Make) -> N
     reasons = {(x["source"], x["destination"]): x["reason"] for x in plan.excluded}
     assert "denied" in reasons[("default/legacy-client", "default/ratings-v1")]
     assert "not a workload" in reasons[("default/reviews-v2", "external:api.example.com")]
-    assert "no pod selector" in reasons[("default/productpage-v1", "default/orphan")]
+    assert "no pod selector" in reasons[("default/productpage-v1", "scratch/orphan")]
     names = {m["metadata"]["name"] for m in plan.manifests}
     assert "orphan" not in names and "idle-v1" not in names
     ratings = next(m for m in plan.manifests if m["metadata"]["name"] == "ratings-v1")
@@ -314,3 +314,28 @@ def test_tls_passthrough_is_treated_as_tcp_and_mixed_ports_are_noted(
                 and e.kind == "AuthorizationPolicy")
     assert any("port 8080 was seen as http, tcp" in n for n in expl.notes)
     validate(ap)
+
+
+def test_uncoverable_destination_withholds_namespace_default_deny(make_bookinfo: Make) -> None:
+    """allow-nothing would break observed traffic that no workload policy can express."""
+    graph = make_bookinfo(None)
+    pp = "default/productpage-v1"
+    graph.nodes["default/bare"] = Node(id="default/bare", kind="Pod", namespace="default",
+                                       workload="bare", selector={}, meshed=True)
+    graph.edges.append(Edge(pp, "default/bare", 8080, "http", requests=3, mtls_requests=3))
+    plan = plan_istio(graph)
+    kinds = {(m["kind"], m["metadata"]["name"]) for m in plan.manifests
+             if m["metadata"]["namespace"] == "default"}
+    assert ("AuthorizationPolicy", "allow-nothing") not in kinds
+    assert ("PeerAuthentication", "default") not in kinds
+    assert ("AuthorizationPolicy", "details-v1") in kinds  # workload policies still proposed
+    [withheld] = [x for x in plan.excluded if x["destination"] == "namespace default"]
+    assert "default/bare" in withheld["reason"]
+    # Traffic to a Service with several possible backends does the same.
+    graph = make_bookinfo(None)
+    graph.nodes["service:default/reviews"] = Node(id="service:default/reviews", kind="Service",
+                                                  namespace="default")
+    graph.edges.append(Edge(pp, "service:default/reviews", 9080, "http", requests=1))
+    names = {m["metadata"]["name"] for m in istio_manifests(graph)
+             if m["metadata"]["namespace"] == "default"}
+    assert "allow-nothing" not in names
