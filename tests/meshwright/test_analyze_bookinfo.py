@@ -237,3 +237,31 @@ def test_flows_file_reanalysed_gives_the_same_policies(out: Path, tmp_path: Path
                  "-o", str(again), "-q"])
     assert code == 0
     assert _policies_text(again) == _policies_text(out)
+
+
+def test_same_dump_in_two_layouts_counts_each_request_once(out: Path, tmp_path: Path) -> None:
+    """kubectl-logs files plus the node's CRI files (one gzipped) of the same pods."""
+    import gzip
+
+    dump = tmp_path / "dump"
+    shutil.copytree(ROOT / SAMPLE, dump)
+    containers = dump / "node" / "var" / "log" / "containers"
+    containers.mkdir(parents=True)
+    for i, log in enumerate(sorted((dump / "logs").rglob("istio-proxy.log"))):
+        ns, pod = log.parent.parent.name, log.parent.name
+        cri = [f"2024-05-14T10:00:00.{n:09d}Z stdout F {line}"
+               for n, line in enumerate(log.read_text("utf-8").splitlines())]
+        target = containers / f"{pod}_{ns}_istio-proxy-{i:064x}.log"
+        data = ("\n".join(cri) + "\n").encode()
+        if i % 2:
+            target.write_bytes(gzip.compress(data))
+        else:
+            target.write_bytes(data)
+    again = tmp_path / "again"
+    assert main(["analyze", str(dump), "-o", str(again), "-q"]) == 0
+    def edges(root: Path) -> dict[tuple[str, str, int], int]:
+        graph = json.loads((root / "graph.json").read_text("utf-8"))
+        return {(e["source"], e["destination"], e["port"]): e["requests"]
+                for e in graph["edges"]}
+    assert edges(again) == edges(out)
+    assert "duplicates dropped | 2787" in (again / "report.md").read_text("utf-8")
