@@ -676,7 +676,9 @@ def parse_text(lines: pa.Array, fmt: EnvoyFormat | None = None) -> ParsedLines:
     """Parse Envoy TEXT access-log lines (already unwrapped from any container layout).
 
     With ``fmt`` None, the known Istio/Envoy variants are recognised by themselves. Exact:
-    every line is either a row of ``fields`` (``good`` True) or in ``errors``.
+    every line is either a row of ``fields`` (``good`` True) or in ``errors``. Every
+    ``start_time`` value (``%START_TIME%`` without a format argument) matched the RFC3339
+    pattern (``istio.to_flows(iso_times=True)`` relies on it).
     """
     if not isinstance(lines, pa.Array):
         lines = pa.array(lines, pa.string())
@@ -763,18 +765,6 @@ def compile_json_format(text: str | bytes) -> dict[str, Operator]:
     return out
 
 
-def _json_value(v: object) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return None if v == "-" else v
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return str(v)
-    return orjson.dumps(v).decode()
-
-
 def looks_like_istio_json(obj: object) -> bool:
     """True if a decoded JSON line looks like an Istio/Envoy JSON access-log record."""
     if not isinstance(obj, dict):
@@ -784,38 +774,14 @@ def looks_like_istio_json(obj: object) -> bool:
 
 
 def parse_json(lines: pa.Array) -> ParsedLines:
-    """Parse Istio JSON access-log lines (keys in any order, numbers unquoted, null = empty)."""
-    if not isinstance(lines, pa.Array):
-        lines = pa.array(lines, pa.string())
-    pylines: list[str | None] = lines.to_pylist()
-    n = len(pylines)
-    good = np.zeros(n, dtype=bool)
-    errors: list[tuple[int, str]] = []
-    records: list[dict[str, object]] = []
-    extra: list[str] = []
-    for i, line in enumerate(pylines):
-        if line is None or not line.strip():
-            errors.append((i, "empty line"))
-            continue
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            errors.append((i, "not valid JSON (truncated line?)"))
-            continue
-        if not looks_like_istio_json(obj):
-            errors.append((i, "JSON object is not an Istio access-log record"))
-            continue
-        good[i] = True
-        records.append(obj)
-        for k in obj:
-            if k not in ISTIO_FIELDS and k not in extra:
-                extra.append(k)
-    columns = list(ISTIO_FIELDS) + sorted(extra)
-    table = pa.table(
-        {c: pa.array([_json_value(r.get(c)) for r in records], pa.string()) for c in columns}
-    )
-    variants = pa.array(["istio-json"] * len(records), pa.string())
-    return ParsedLines(fields=_post_process(table), good=good, errors=errors, variants=variants)
+    """Parse Istio JSON access-log lines (keys in any order, numbers unquoted, null = empty).
+
+    Implemented in :mod:`observe.envoy_json` (Arrow's C++ reader, exact per-line fallback).
+    """
+    # Imported here: envoy_json builds on this module's ParsedLines and helpers.
+    from observe.envoy_json import parse_json_lines
+
+    return parse_json_lines(lines)
 
 
 def looks_like_envoy_text(line: str) -> bool:

@@ -4,12 +4,20 @@ Written with zstd compression, one row group per written batch (~64k rows), atom
 (a temporary file in the target directory, renamed on success), so a crash never leaves a
 half-written flows file that a later run would trust. The schema version travels in the
 Parquet schema metadata and is checked on read.
+
+Encoding is the costly part of writing (more than compression), so dictionary encoding is
+limited to the low-cardinality columns and min/max statistics to the non-string ones (string
+statistics of ids and paths are useless for pruning). :class:`FlowWriter` encodes on a
+background thread (Parquet encoding releases the GIL) fed by a small bounded queue, so parsing
+the next batch overlaps writing the previous one while memory stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +33,21 @@ log = logging.getLogger(__name__)
 PARQUET_MAGIC = b"PAR1"
 _VERSION_KEY = b"meshwright.schema_version"
 
+# Columns with few distinct values: dictionary encoding makes them small and cheap to write.
+# The others (ids, origins, paths, times, ports) mostly fail dictionary encoding after paying
+# for the attempt.
+_DICT_COLUMNS = (
+    "src_ip", "dst_ip", "dialed_ip", "dst_port", "dialed_port", "service_host", "direction",
+    "reporter", "src_workload", "dst_workload", "src_principal", "dst_principal", "transport",
+    "protocol", "http_version", "method", "authority", "status", "response_flags",
+    "response_detail", "mtls", "sni", "upstream_cluster", "user_agent", "denied",
+    "denied_by", "source",
+)
+_STATS_COLUMNS = tuple(f.name for f in FLOW_SCHEMA if not pa.types.is_string(f.type))
+#: Batches waiting for the writer thread: bounds memory (a batch is ~64k rows).
+_QUEUE_DEPTH = 1
+_DONE = None
+
 
 def looks_like_parquet(head: bytes) -> bool:
     """True if ``head`` (a file's first bytes) starts with the Parquet magic."""
@@ -37,21 +60,64 @@ class FlowWriter:
     >>> with FlowWriter(path) as w:        # doctest: +SKIP
     ...     for batch in batches:
     ...         w.write(batch)
+
+    With ``threaded`` (the default) batches are encoded by a background thread in the order
+    written; an encoding error surfaces as InputError from the next ``write`` or the exit.
     """
 
-    def __init__(self, path: Path, *, compression: str = "zstd"):
+    def __init__(self, path: Path, *, compression: str = "zstd", threaded: bool = True):
         self.path = Path(path)
         self.rows = 0
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._compression = compression
+        self._threaded = threaded
         self._writer: pq.ParquetWriter | None = None
+        self._queue: queue.Queue[pa.RecordBatch | pa.Table | None] = queue.Queue(_QUEUE_DEPTH)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __enter__(self) -> FlowWriter:
         try:
-            self._writer = pq.ParquetWriter(self._tmp, FLOW_SCHEMA, compression=self._compression)
+            self._writer = pq.ParquetWriter(
+                self._tmp,
+                FLOW_SCHEMA,
+                compression=self._compression,
+                use_dictionary=list(_DICT_COLUMNS),
+                write_statistics=list(_STATS_COLUMNS),
+            )
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"cannot write flows: {exc}", origin=str(self.path)) from exc
+        if self._threaded:
+            self._thread = threading.Thread(
+                target=self._drain, name="meshwright-flow-writer", daemon=True
+            )
+            self._thread.start()
         return self
+
+    def _put(self, batch: pa.RecordBatch | pa.Table) -> None:
+        writer = self._writer
+        assert writer is not None
+        if isinstance(batch, pa.RecordBatch):
+            writer.write_batch(batch)
+        else:
+            writer.write_table(batch)
+
+    def _drain(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is _DONE:
+                return
+            if self._error is not None:
+                continue  # keep consuming so that the producer never blocks
+            try:
+                self._put(batch)
+            except BaseException as exc:  # re-raised on the caller's thread
+                self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise InputError(f"cannot write flows: {exc}", origin=str(self.path)) from exc
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Append one batch (cast to FLOW_SCHEMA if it isn't already)."""
@@ -61,13 +127,14 @@ class FlowWriter:
             return
         if not batch.schema.equals(FLOW_SCHEMA):
             batch = conform(batch)
-        try:
-            if isinstance(batch, pa.RecordBatch):
-                self._writer.write_batch(batch)
-            else:
-                self._writer.write_table(batch)
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot write flows: {exc}", origin=str(self.path)) from exc
+        self._raise_pending()
+        if self._thread is not None:
+            self._queue.put(batch)
+        else:
+            try:
+                self._put(batch)
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"cannot write flows: {exc}", origin=str(self.path)) from exc
         self.rows += batch.num_rows
 
     def __exit__(
@@ -76,11 +143,16 @@ class FlowWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_DONE)
+            thread.join()
         writer, self._writer = self._writer, None
         try:
             if writer is not None:
                 writer.close()
             if exc_type is None:
+                self._raise_pending()
                 os.replace(self._tmp, self.path)
         except (OSError, pa.ArrowException) as err:
             if exc_type is None:

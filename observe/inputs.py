@@ -4,8 +4,10 @@ Everything is decided from bytes, never from file names: gzip by its magic (``1f
 name), Parquet flows by ``PAR1``, inventories by ``apiVersion``/``kind`` in a JSON or YAML
 head, access logs by the shape of their first lines (see :mod:`observe.layouts`).
 
-Files are read in chunks of whole lines (:func:`iter_line_chunks`, ~4 MiB each) that become
-one ``pyarrow`` string array, so memory is bounded by the chunk size, not the file.
+Files are read in chunks of whole lines (:func:`iter_line_chunks`, at most 64k lines and
+~24 MiB each) that become one ``pyarrow`` string array, so memory is bounded by the chunk
+size, not the file. Lines are cut with numpy on the raw bytes (no decode/split copies); only a
+chunk that is not valid UTF-8 is decoded, with U+FFFD for the bad bytes.
 
 Dedupe (:class:`Deduper`): a dump often holds the same proxy output twice (the ``kubectl
 logs`` file and the CRI node file of one pod, a shipper export beside them). A request is
@@ -35,7 +37,6 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-from pandas.util import hash_array
 
 from observe import layouts
 from observe.errors import InputError
@@ -43,8 +44,10 @@ from observe.errors import InputError
 log = logging.getLogger(__name__)
 
 STDIN = "-"
-#: Bytes read per chunk of lines.
-CHUNK_BYTES = 4 << 20
+#: Bytes of lines per chunk, at most (unless one line is longer).
+CHUNK_BYTES = 24 << 20
+#: Bytes per read() call.
+READ_BYTES = 4 << 20
 #: Bytes peeked to classify a file.
 HEAD_BYTES = 64 << 10
 #: Lines of the head examined to recognise an access log.
@@ -88,9 +91,13 @@ class _Counting(io.RawIOBase):
         return True
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
+        readinto = getattr(self.raw, "readinto", None)
+        if readinto is not None:
+            n = readinto(b) or 0  # straight into the caller's buffer: no copy
+        else:
+            data = self.raw.read(len(b))
+            n = len(data)
+            b[:n] = data
         self.count += n
         return n
 
@@ -307,11 +314,27 @@ def _raise_walk(exc: OSError) -> None:
     raise InputError(f"cannot read directory: {exc.strerror or exc}", origin=exc.filename) from exc
 
 
-def _split(data: bytes) -> pa.StringArray:
-    text = data.decode("utf-8", errors="replace")
-    lists = pc.split_pattern(pa.array([text], type=pa.large_string()), "\n")
-    lines = lists.values.cast(pa.string())
-    if "\r" in text:
+def _cut_lines(buf: np.ndarray, ends: np.ndarray) -> pa.StringArray:
+    """The lines of ``buf`` (no final newline) ending at ``ends`` (the last is len(buf))."""
+    if len(buf) and int(buf.max()) >= 0x80:
+        raw = buf.tobytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Rare: replace bad bytes (lengths change, so find the line ends again).
+            raw = raw.decode("utf-8", errors="replace").encode("utf-8")
+            buf = np.frombuffer(raw, dtype=np.uint8)
+            ends = np.append(np.flatnonzero(buf == 10), len(buf))
+    n = len(ends)
+    # Offsets s0,e0,s1,e1,..: the odd elements are the newlines; taking the even ones copies
+    # the lines out of the (reused) read buffer without their separators, in one pass.
+    offsets = np.empty(2 * n, dtype=np.int32)
+    offsets[0] = 0
+    offsets[1::2] = ends
+    offsets[2::2] = ends[:-1] + 1
+    both = pa.StringArray.from_buffers(2 * n - 1, pa.py_buffer(offsets), pa.py_buffer(buf))
+    lines = pc.take(both, pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32)))
+    if (buf == 13).any():
         lines = pc.utf8_rtrim(lines, characters="\r")
     return lines
 
@@ -324,25 +347,38 @@ def iter_line_chunks(
     Line numbers are 1-based. The final line needs no newline. A chunk holds at most
     ``max_lines`` lines and about ``chunk_bytes`` bytes (more only for one longer line).
     """
-    pending = b""
+    read_size = max(1, min(chunk_bytes, READ_BYTES))
+    # One buffer reused for the whole stream: fresh big allocations cost page faults.
+    buf = np.empty(max(chunk_bytes, read_size) + read_size, dtype=np.uint8)
+    view = buf.data
+    ends: list[np.ndarray] = []  # newline positions in buf, per read
+    size = count = 0
     lineno = 1
     while True:
-        block = stream.read(chunk_bytes)
-        if not block:
+        if len(buf) - size < read_size:  # one line longer than the buffer: grow it
+            buf = np.concatenate([buf, np.empty(len(buf), dtype=np.uint8)])
+            view = buf.data
+        got = stream.readinto(view[size : size + read_size]) or 0  # type: ignore[attr-defined]
+        if got:
+            nl = np.flatnonzero(buf[size : size + got] == 10)
+            ends.append(nl + size if size else nl)
+            size += got
+            count += len(nl)
+        while count and (count >= max_lines or size >= chunk_bytes or not got):
+            nls = np.concatenate(ends) if len(ends) > 1 else ends[0]
+            take = min(count, max_lines)
+            end = int(nls[take - 1])
+            yield _cut_lines(buf[:end], nls[:take]), lineno
+            lineno += take
+            count -= take
+            rest = size - (end + 1)
+            buf[:rest] = buf[end + 1 : size]
+            ends = [nls[take:] - (end + 1)]
+            size = rest
+        if not got:
             break
-        data = pending + block if pending else block
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            pending = data
-            continue
-        pending = data[cut + 1 :]
-        lines = _split(data[:cut])
-        for start in range(0, len(lines), max_lines):
-            part = lines.slice(start, max_lines)
-            yield part, lineno
-            lineno += len(part)
-    if pending:
-        yield _split(pending), lineno
+    if size:
+        yield _cut_lines(buf[:size], np.array([size], dtype=np.int64)), lineno
 
 
 def hash_lines(pods: pa.Array | str | None, lines: pa.StringArray) -> np.ndarray:
@@ -350,6 +386,9 @@ def hash_lines(pods: pa.Array | str | None, lines: pa.StringArray) -> np.ndarray
 
     A constant pod and the same pod given per row hash identically (same formula).
     """
+    # pandas costs ~0.15 s to import; only multi-file runs (dedupe) need it.
+    from pandas.util import hash_array
+
     h = hash_array(lines.to_numpy(zero_copy_only=False), categorize=False)
     if pods is None or isinstance(pods, str):
         pod_h = hash_array(np.array([pods or ""], dtype=object), categorize=False)

@@ -59,7 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe.schema import conform
+from observe.schema import FLOW_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ _ADDR_RE = (
     r"^(?:[a-z][a-z0-9+.-]*://(?:[^/]*/)?)?"
     r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<ip4>\d{1,3}(?:\.\d{1,3}){3}))"
     r"(?::(?P<port>\d{1,5}))?$"
+)
+# _ADDR_RE without the port: matched against the part before ``:port``.
+_HEAD_RE = (
+    r"^(?:[a-z][a-z0-9+.-]*://(?:[^/]*/)?)?"
+    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<ip4>\d{1,3}(?:\.\d{1,3}){3}))$"
 )
 _CLUSTER_RE = r"^(?:outbound|inbound-vip)\|(?P<port>[^|]*)\|(?P<subset>[^|]*)\|(?P<host>[^|]+)$"
 # Istio's mTLS SNI: outbound_.<port>_.<subset>_.<fqdn> (pilot networking util BuildDNSSrvSubsetKey)
@@ -91,15 +96,23 @@ def _mask(arr: pa.Array) -> pa.Array:
     return pc.fill_null(arr, False)
 
 
-def _group(arr: pa.Array, pattern: str, name: str) -> pa.Array:
-    """Named group of ``pattern`` in each value; null where no match or empty."""
+def _group_plain(arr: pa.Array, pattern: str, name: str) -> pa.Array:
     st = pc.extract_regex(arr, pattern)
     val = pc.struct_field(st, name)
     # Non-matching rows come back as a null struct whose children hold ''.
     return pc.if_else(_mask(pc.and_(st.is_valid(), pc.not_equal(val, ""))), val, None)
 
 
-def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
+def _group(arr: pa.Array, pattern: str, name: str) -> pa.Array:
+    """Named group of ``pattern`` in each value; null where no match or empty.
+
+    Regexes run once per distinct value (clusters, SNIs, authorities repeat a lot).
+    """
+    enc = pc.dictionary_encode(arr)
+    return _group_plain(enc.dictionary, pattern, name).take(enc.indices)
+
+
+def _address_plain(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     st = pc.extract_regex(arr, _ADDR_RE)
     ok = st.is_valid()
     ip6, ip4, port = (pc.struct_field(st, f) for f in ("ip6", "ip4", "port"))
@@ -109,15 +122,90 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     return ip, port.cast(pa.int32())
 
 
+def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start offsets, end offsets, data bytes) of a StringArray, for numpy work."""
+    n = len(arr)
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
+    return offs[:-1].astype(np.int64), offs[1:].astype(np.int64), data
+
+
+def _slices(arr: pa.Array, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """Substrings ``value[starts:ends]`` (byte positions in ``arr``'s data) as a compact array."""
+    m = len(starts)
+    if m == 0:
+        return pa.array([], _STR)
+    offsets = np.empty(2 * m, dtype=np.int32)
+    offsets[0::2] = starts
+    offsets[1::2] = ends
+    bits = np.ones(2 * m - 1, dtype=bool)
+    bits[0::2] = valid
+    nulls = int(m - valid.sum())
+    validity = pa.py_buffer(np.packbits(bits, bitorder="little")) if nulls else None
+    inter = pa.StringArray.from_buffers(
+        2 * m - 1, pa.py_buffer(offsets), arr.buffers()[2], validity, nulls if nulls else 0
+    )
+    return pc.take(inter, pa.array(np.arange(0, 2 * m - 1, 2, dtype=np.int32)))
+
+
+_PORT_WEIGHTS = np.array([10**k for k in range(5)], dtype=np.int32)
+
+
+def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(ip, port) of each address; exactly :data:`_ADDR_RE`'s groups, computed cheaply.
+
+    An address is ``head`` plus an optional ``:port`` (1-5 digits after the last colon): the
+    port is cut with numpy, and the head (IPs repeat a lot, ephemeral ports do not) is matched
+    against the regex once per distinct value.
+    """
+    n = len(arr)
+    if n == 0 or arr.null_count == n:
+        return pa.nulls(n, _STR), pa.nulls(n, pa.int32())
+    enc = pc.dictionary_encode(arr)
+    if len(enc.dictionary) * 4 <= n:  # few distinct addresses: regex them directly
+        ip, port = _address_plain(enc.dictionary)
+        return ip.take(enc.indices), port.take(enc.indices)
+    starts, ends, data = _string_parts(arr)
+    colons = np.flatnonzero(data == 58)
+    if len(colons) == 0:
+        colon = np.full(n, -1, dtype=np.int64)
+    else:
+        k = np.searchsorted(colons, ends) - 1
+        colon = np.where(k >= 0, colons[np.maximum(k, 0)], -1)
+    plen = ends - colon - 1
+    has_port = (colon >= starts) & (plen >= 1) & (plen <= 5)
+    # Digits after the colon, right-aligned in a width-5 window (earlier bytes weigh 0).
+    win = np.take(data, (ends - 5)[:, None] + np.arange(5), mode="clip").astype(np.int32) - 48
+    used = np.arange(5) >= (5 - plen)[:, None]
+    digit = (win >= 0) & (win <= 9)
+    has_port &= (digit | ~used).all(axis=1)
+    value = (np.where(used, win, 0) * _PORT_WEIGHTS[::-1]).sum(axis=1, dtype=np.int32)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    head = _slices(arr, starts, np.where(has_port, colon, ends), valid)
+    henc = pc.dictionary_encode(head)
+    hip = _group_plain(henc.dictionary, _HEAD_RE, "ip6")
+    hip = pc.coalesce(hip, _group_plain(henc.dictionary, _HEAD_RE, "ip4"))
+    ip = hip.take(henc.indices)
+    port_ok = has_port & ip.is_valid().to_numpy(zero_copy_only=False)
+    port = pa.array(value, type=pa.int32(), mask=~port_ok)
+    return ip, port
+
+
 def _int(arr: pa.Array, typ: pa.DataType) -> pa.Array:
     # The parser guarantees digits or null for these fields; guard anyway for other inputs.
     ok = _mask(pc.ascii_is_decimal(arr))
     return pc.if_else(ok, arr, None).cast(typ)
 
 
-def _time(arr: pa.Array) -> pa.Array:
-    """%START_TIME% values: RFC3339 (Envoy's default) or epoch seconds (``%s.%3f`` formats)."""
+def _time(arr: pa.Array, iso_checked: bool = False) -> pa.Array:
+    """%START_TIME% values: RFC3339 (Envoy's default) or epoch seconds (``%s.%3f`` formats).
+
+    ``iso_checked``: the caller already matched every value against the RFC3339 pattern.
+    """
     ts_type = pa.timestamp("us", tz="UTC")
+    if iso_checked:
+        return arr.cast(ts_type)
     iso = _mask(pc.match_substring_regex(arr, _ISO_RE))
     out = pc.if_else(iso, arr, None).cast(ts_type)
     epoch = _mask(pc.match_substring_regex(arr, _EPOCH_RE))
@@ -129,7 +217,9 @@ def _time(arr: pa.Array) -> pa.Array:
 
 
 def _const(n: int, value: str) -> pa.Array:
-    return pa.array(np.full(n, value, dtype=object), _STR) if n else pa.array([], _STR)
+    raw = value.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(raw)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(raw * n))
 
 
 def to_flows(
@@ -138,11 +228,36 @@ def to_flows(
     reporter: pa.Array | None,
     origin: pa.Array,
     source: str,
+    iso_times: bool = False,
 ) -> pa.RecordBatch:
+    """Flow records (FLOW_SCHEMA) for parsed Envoy fields: :func:`flow_batches` in one batch,
+    each gateway's downstream-leg record right after its outbound record."""
+    main, legs, rows = flow_batches(
+        fields, reporter=reporter, origin=origin, source=source, iso_times=iso_times
+    )
+    if legs is None:
+        return main
+    return pa.concat_batches([main, legs]).take(pa.array(_interleave(main.num_rows, rows)))
+
+
+def flow_batches(
+    fields: pa.Table,
+    *,
+    reporter: pa.Array | None,
+    origin: pa.Array,
+    source: str,
+    iso_times: bool = False,
+) -> tuple[pa.RecordBatch, pa.RecordBatch | None, np.ndarray]:
     """Flow records (FLOW_SCHEMA) for parsed Envoy fields (one row per line, '-' already null).
 
+    ``(records, downstream legs or None, rows of records the legs belong to)``.
+
     ``reporter`` is '<ns>/<pod>' of the proxy that wrote each line (or None), ``origin`` the
-    'file:line' of each row. Gateway lines yield two records (see the module docstring).
+    'file:line' of each row. Gateway lines yield two records (see the module docstring); the
+    legs come as a separate batch so that a streaming caller need not interleave (a gather of
+    every column) them.
+    ``iso_times``: every ``start_time`` value is known to be RFC3339 (the TEXT parser checks
+    it), so the check is not repeated.
     """
     n = fields.num_rows
     if len(origin) != n or (reporter is not None and len(reporter) != n):
@@ -211,7 +326,7 @@ def to_flows(
         flags = pc.fill_null(flags, "-")  # Envoy's own spelling of "no flags"
 
     columns: dict[str, pa.Array] = {
-        "time": _time(_col(fields, "start_time")),
+        "time": _time(_col(fields, "start_time"), iso_times),
         "duration_ms": _int(_col(fields, "duration"), pa.int64()),
         "src_ip": src_ip,
         "src_port": src_port,
@@ -243,13 +358,13 @@ def to_flows(
         "source": _const(n, source),
         "origin": origin,
     }
-    main = pa.table(columns)
+    main = _batch(columns, n)
 
     gateway = _mask(
         pc.and_(pc.and_(outbound, ula_ip.is_valid()), pc.not_equal(dra_ip, ula_ip))
     )
     if not pc.any(gateway).as_py():
-        return conform(main)
+        return main, None, np.zeros(0, dtype=np.int64)
     legs = main.filter(gateway)
     m = legs.num_rows
     overrides = {
@@ -261,12 +376,30 @@ def to_flows(
         "mtls": server_mtls.filter(gateway),
         "service_host": pc.coalesce(sni_host, named_host).filter(gateway),
     }
-    for name, arr in overrides.items():
-        legs = legs.set_column(legs.column_names.index(name), name, arr)
-    # Each downstream leg goes right after its outbound record: deterministic order.
-    row = np.concatenate([np.arange(n), np.flatnonzero(gateway.to_numpy(zero_copy_only=False))])
-    leg = np.concatenate([np.zeros(n, np.int8), np.ones(m, np.int8)])
-    order = np.lexsort((leg, row))
-    both = pa.concat_tables([main, legs]).take(pa.array(order))
+    legs = _batch({**dict(zip(legs.schema.names, legs.columns, strict=True)), **overrides}, m)
     log.debug("%d gateway lines gave a downstream-leg record each", m)
-    return conform(both)
+    return main, legs, np.flatnonzero(gateway.to_numpy(zero_copy_only=False))
+
+
+def _interleave(n: int, rows: np.ndarray) -> np.ndarray:
+    """Take-order placing extra row ``n + k`` right after row ``rows[k]`` (rows ascending)."""
+    count = np.ones(n, dtype=np.int64)
+    count[rows] = 2
+    order = np.repeat(np.arange(n, dtype=np.int64), count)
+    # The second copy of each doubled row becomes its extra row.
+    second = np.cumsum(count)[rows] - 1
+    order[second] = n + np.arange(len(rows))
+    return order
+
+
+def _batch(columns: dict[str, pa.Array], n: int) -> pa.RecordBatch:
+    """A FLOW_SCHEMA batch from the columns computed (missing ones are null)."""
+    arrays = []
+    for f in FLOW_SCHEMA:
+        col = columns.get(f.name)
+        if col is None:
+            col = pa.nulls(n, f.type)
+        elif col.type != f.type:
+            col = col.cast(f.type)
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, schema=FLOW_SCHEMA)

@@ -17,8 +17,11 @@ chunk size plus the dedupe keys (8 bytes per distinct access line).
 from __future__ import annotations
 
 import logging
+import os
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,8 @@ class ObserveOptions:
     batch_lines: int = 65536
     progress: Callable[[int, int], None] | None = None
     """Called with ``(bytes done, bytes total)`` after each chunk (total 0: unknown)."""
+    workers: int = 2
+    """Threads parsing chunks (capped by the CPU count; 1: all on the caller's thread)."""
 
 
 @dataclass
@@ -151,8 +156,70 @@ def _constant(value: str | None, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(value, type=pa.string()), n)
 
 
+#: Chunks parsed ahead of the consumer: bounds memory (each is <= batch_lines lines).
+_IN_FLIGHT = 2
+
+
+@dataclass
+class _Result:
+    source: str
+    batches: list[pa.RecordBatch]
+    malformed: int
+    samples: list[tuple[str, str]]
+
+
+@dataclass
+class _Job:
+    """Parse + map of one chunk's access lines: pure, so it runs on a worker thread."""
+
+    lines: pa.StringArray
+    linenos: np.ndarray
+    name: str
+    reporters: pa.Array | None
+    reporter: str | None
+    source: str
+    fmt: envoy_format.EnvoyFormat | None
+
+    def run(self) -> _Result:
+        if self.source == SOURCE_JSON:
+            parsed = envoy_format.parse_json(self.lines)
+        else:
+            parsed = envoy_format.parse_text(self.lines, self.fmt)
+        good = np.asarray(parsed.good, dtype=bool)
+        bad = int(len(good) - good.sum())
+        samples: list[tuple[str, str]] = []
+        if bad:
+            reasons = dict(parsed.errors)
+            for i in np.flatnonzero(~good)[:MAX_SAMPLES]:
+                origin = f"{self.name}:{self.linenos[i]}"
+                samples.append((origin, reasons.get(int(i), "unparsed access line")))
+        keep = np.flatnonzero(good)
+        if len(keep) == 0:
+            return _Result(self.source, [], bad, samples)
+        if len(keep) == len(good):
+            rep = self.reporters
+        else:
+            rep = self.reporters.take(pa.array(keep)) if self.reporters is not None else None
+        if rep is None:
+            rep = _constant(self.reporter, len(keep))
+        main, legs, _ = istio.flow_batches(
+            parsed.fields,
+            reporter=rep,
+            origin=_origins(self.name, self.linenos[keep]),
+            source=self.source,
+            iso_times=self.source != SOURCE_JSON,
+        )
+        # A chunk's gateway downstream legs follow its other records (see flow_batches).
+        return _Result(self.source, [main] if legs is None else [main, legs], bad, samples)
+
+
 class _Reader:
-    """State shared by the files of one ``iter_flows`` run."""
+    """State shared by the files of one ``iter_flows`` run.
+
+    Chunks are read, classified and deduped in order on the caller's thread; parsing and
+    mapping (numpy and Arrow kernels, which release the GIL) run on ``pool`` and their
+    batches come back in submission order, so output and stats are the same as serially.
+    """
 
     def __init__(self, plan: InputPlan, options: ObserveOptions, stats: ObserveStats):
         self.plan = plan
@@ -165,6 +232,8 @@ class _Reader:
         self.dedupe = Deduper() if len(plan.logs) > 1 else None
         self.total = sum(_size(p) for p in [*plan.logs, *plan.flow_files])
         self.done = 0
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: deque[Future[_Result]] = deque()
 
     def progress(self, extra: int = 0) -> None:
         if self.options.progress is not None:
@@ -269,38 +338,42 @@ class _Reader:
             if not mask.any():
                 continue
             idx = np.flatnonzero(mask)
-            sub = inner.take(pa.array(idx))
-            if source == SOURCE_JSON:
-                parsed = envoy_format.parse_json(sub)
-            else:
-                parsed = envoy_format.parse_text(sub, self.fmt)
-            good = np.asarray(parsed.good, dtype=bool)
-            bad = int(len(good) - good.sum())
-            if bad:
-                reasons = dict(parsed.errors)
-                for i in np.flatnonzero(~good)[:MAX_SAMPLES]:
-                    origin = f"{name}:{linenos[idx[i]]}"
-                    self.stats.malformed_line(origin, reasons.get(int(i), "unparsed access line"))
-                rest = bad - min(bad, MAX_SAMPLES)
-                if rest:
-                    self.stats.malformed += rest
-            keep = idx[good]
-            if len(keep) == 0:
-                continue
-            take = pa.array(keep)
-            rep = (
-                reporters.take(take)
-                if reporters is not None
-                else _constant(ref.reporter, len(keep))
-            )
-            batch = istio.to_flows(
-                parsed.fields,
-                reporter=rep,
-                origin=_origins(name, linenos[keep]),
+            sub, sub_linenos, rows = inner, linenos, reporters
+            if len(idx) < len(mask):  # all lines are access lines, usually: no copy then
+                take = pa.array(idx)
+                sub, sub_linenos = inner.take(take), linenos[idx]
+                rows = reporters.take(take) if reporters is not None else None
+            job = _Job(
+                lines=sub,
+                linenos=sub_linenos,
+                name=name,
+                reporters=rows,
+                reporter=ref.reporter,
                 source=source,
+                fmt=self.fmt,
             )
+            yield from self.submit(job)
+
+    def submit(self, job: _Job) -> Iterator[pa.RecordBatch]:
+        """Queue ``job`` on the workers; yield finished results, oldest first (deterministic)."""
+        if self.pool is None:
+            yield from self.account(job.run())
+            return
+        self.pending.append(self.pool.submit(job.run))
+        while len(self.pending) > _IN_FLIGHT:
+            yield from self.account(self.pending.popleft().result())
+
+    def drain(self) -> Iterator[pa.RecordBatch]:
+        while self.pending:
+            yield from self.account(self.pending.popleft().result())
+
+    def account(self, result: _Result) -> Iterator[pa.RecordBatch]:
+        for origin, reason in result.samples:
+            self.stats.malformed_line(origin, reason)
+        self.stats.malformed += result.malformed - len(result.samples)
+        for batch in result.batches:
             if batch.num_rows:
-                self.stats.add_records(source, batch.num_rows)
+                self.stats.add_records(result.source, batch.num_rows)
                 yield batch
 
     # -- one flows file -----------------------------------------------------------------
@@ -344,8 +417,16 @@ def iter_flows(
     """
     reader = _Reader(plan, options, stats)
     stats.skipped_files.extend(plan.skipped)
-    for path in plan.logs:
-        yield from reader.read_log(path)
+    workers = min(options.workers, os.cpu_count() or 1)
+    if workers > 1 and plan.logs:
+        reader.pool = ThreadPoolExecutor(workers, thread_name_prefix="meshwright-parse")
+    try:
+        for path in plan.logs:
+            yield from reader.read_log(path)
+        yield from reader.drain()
+    finally:
+        if reader.pool is not None:
+            reader.pool.shutdown(wait=True, cancel_futures=True)
     for path in plan.flow_files:
         yield from reader.read_flow_file(path)
 

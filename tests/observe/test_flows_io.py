@@ -113,3 +113,34 @@ def test_looks_like_parquet(tmp_path: Path) -> None:
     assert looks_like_parquet(path.read_bytes()[:8])
     assert not looks_like_parquet(b"PAR")
     assert not looks_like_parquet(b"[2020-11-25T21:26:18.409Z]")
+
+
+def test_threaded_writer_writes_the_same_file(tmp_path: Path) -> None:
+    batches = [batch(5, offset=5 * k) for k in range(6)]
+    paths = []
+    for threaded in (True, False):
+        path = tmp_path / f"flows-{threaded}.parquet"
+        with FlowWriter(path, threaded=threaded) as writer:
+            for b in batches:
+                writer.write(b)
+        assert writer.rows == 30
+        paths.append(path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()  # same bytes, row groups in order
+    meta = pq.ParquetFile(paths[0]).metadata
+    assert meta.num_row_groups == 6
+    # dictionary encoding only where values repeat; statistics only on non-string columns
+    cols = {meta.schema.column(i).name: meta.row_group(0).column(i) for i in range(3)}
+    assert cols["time"].statistics is not None and cols["src_ip"].statistics is None
+
+
+def test_threaded_writer_error_surfaces_as_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    bad = pa.RecordBatch.from_pylist([{"x": 1}])  # conform() keeps no column of it: fine
+    with FlowWriter(path) as writer:
+        writer.write(bad)
+    assert pq.read_table(path).num_rows == 1
+    with pytest.raises(InputError, match="cannot write flows"), FlowWriter(path) as writer:
+        writer.write(batch(1))
+        writer._error = OSError("disk full")  # what the writer thread records on failure
+        writer.write(batch(1))
+    assert list(tmp_path.iterdir()) == [path]  # the old file stays, no temporary left

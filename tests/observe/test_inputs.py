@@ -199,3 +199,24 @@ def test_gunzip_corrupt_raises_oserror(tmp_path: Path) -> None:
     path.write_bytes(bytes(packed))
     with pytest.raises(OSError), inputs.open_input(path) as (stream, _):
         stream.read()
+
+
+def test_line_chunks_match_a_plain_split_on_awkward_data() -> None:
+    # Random lines with CRLF, blank lines, multi-byte and invalid UTF-8, no final newline;
+    # cut with tiny and odd chunk sizes (exercises the carry-over and buffer growth).
+    rng = np.random.default_rng(3)
+    alphabet = [b"a", b"b", b" ", b'"', b"\r", "é".encode(), b"\xff", b"\xe2\x82"]
+    lines = [
+        b"".join(alphabet[k] for k in rng.integers(0, len(alphabet), rng.integers(0, 40)))
+        for _ in range(300)
+    ]
+    data = b"\n".join(lines)
+    expected = [
+        ln.decode("utf-8", errors="replace").rstrip("\r") for ln in data.split(b"\n")
+    ]
+    for kw in ({}, {"chunk_bytes": 5}, {"chunk_bytes": 97, "max_lines": 13}, {"max_lines": 1}):
+        parts = chunks(data, **kw)
+        assert [line for part, _ in parts for line in part] == expected
+        firsts = [first for _, first in parts]
+        assert firsts == [1 + sum(len(p) for p, _ in parts[:i]) for i in range(len(parts))]
+        assert all(len(p) <= kw.get("max_lines", 65536) for p, _ in parts)

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from observe import istio
 from observe.envoy_format import parse_text
 from observe.istio import to_flows
 from observe.schema import FLOW_SCHEMA
@@ -53,7 +54,7 @@ def test_sleep_to_httpbin_both_sides() -> None:
         "bytes_out": 135, "request_id": "84961386-6d84-929d-98bd-c5aee93b5c88",
         "user_agent": "curl/7.73.0-DEV", "denied": False, "denied_by": None,
         "src_workload": None, "dst_workload": None, "src_principal": None,
-        "dst_principal": None, "source": "istio-text",
+        "dst_principal": None, "src_pod": None, "dst_pod": None, "source": "istio-text",
     }
     assert out == {
         **common, "duration_ms": 4, "dialed_ip": "10.0.45.184", "dialed_port": 8000,
@@ -224,3 +225,54 @@ def test_row_count_mismatch_is_rejected() -> None:
     parsed = parse_text(pa.array([OUT_LINE]))
     with pytest.raises(ValueError, match="one entry per row"):
         to_flows(parsed.fields, reporter=None, origin=pa.array(["a", "b"]), source="x")
+
+
+ADDRESSES = [
+    "10.0.0.1:80", "10.0.0.1", "[::1]:8080", "[::1]", "[fe80::1%eth0]:80",
+    "envoy://connect_originate/10.1.2.3:80", "envoy://internal_client_address/", "unix://@foo",
+    "1.2.3.4:123456", "1.2.3.4:", "1.2.3.4::80", "a1.2.3.4:80", "1234.1.1.1:80", "1.2.3.4:08",
+    "10.0.0.1:0", None, "", ":80", "x:1:23", "[::1]:99999", "[::1]:1x", "tcp://1.1.1.1:5",
+    "1.1.1.1:5 ", "é1.1.1.1:5", "1.1.1.1:٣", "[2001:db8::5]:15008",
+]
+
+
+@pytest.mark.parametrize("distinct", [False, True])
+def test_address_split_matches_the_reference_regex(distinct: bool) -> None:
+    # Few distinct values take the per-distinct-value path, many the numpy port split.
+    values = ADDRESSES * 5
+    if distinct:
+        values += [f"10.{i % 256}.{i // 256}.7:{i}" for i in range(400)]
+    arr = pa.array(values, pa.string())
+    for a in (arr, arr.slice(3, len(arr) - 5)):
+        ip, port = istio._address(a)
+        ref_ip, ref_port = istio._address_plain(a)
+        assert ip.to_pylist() == ref_ip.to_pylist()
+        assert port.to_pylist() == ref_port.to_pylist()
+    ip, port = istio._address(pa.array(ADDRESSES, pa.string()))
+    got = dict(zip(ADDRESSES, zip(ip.to_pylist(), port.to_pylist(), strict=True), strict=True))
+    assert got["envoy://connect_originate/10.1.2.3:80"] == ("10.1.2.3", 80)
+    assert got["[2001:db8::5]:15008"] == ("2001:db8::5", 15008)
+    assert got["1.2.3.4:123456"] == (None, None) and got["[::1]"] == ("::1", None)
+
+
+def test_flow_batches_hold_the_same_records_as_to_flows() -> None:
+    lines = read_lines("istio-docs-egress-gateway-2019.log") * 3
+    parsed = parse_text(pa.array(lines))
+    origin = pa.array([f"t.log:{i + 1}" for i in range(parsed.fields.num_rows)])
+    main, legs, rows = istio.flow_batches(
+        parsed.fields, reporter=None, origin=origin, source="istio-text", iso_times=True
+    )
+    assert legs is not None and legs.num_rows == len(rows) == 3
+    assert main.schema == legs.schema == FLOW_SCHEMA
+    joined = to_flows(parsed.fields, reporter=None, origin=origin, source="istio-text")
+    assert joined.num_rows == main.num_rows + legs.num_rows
+    # to_flows puts each leg right after its outbound record; flow_batches keeps them apart.
+    assert joined.column("origin").to_pylist() == [
+        o for i, o in enumerate(main.column("origin").to_pylist())
+        for _ in range(2 if i in set(rows.tolist()) else 1)
+    ]
+    pairs = sorted(zip(joined.column("origin").to_pylist(),
+                       joined.column("direction").to_pylist(), strict=True))
+    both = pa.concat_batches([main, legs])
+    assert pairs == sorted(zip(both.column("origin").to_pylist(),
+                               both.column("direction").to_pylist(), strict=True))

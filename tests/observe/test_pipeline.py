@@ -373,3 +373,24 @@ def test_batches_stream_and_progress_and_determinism(tmp_path: Path) -> None:
     # The same dump read twice gives the same records in the same order.
     again = list(observe_inputs([str(tmp_path)], ObserveOptions(batch_lines=100)).batches)
     assert pa.Table.from_batches(again).equals(pa.Table.from_batches(batches))
+
+
+def test_worker_threads_give_the_same_batches_and_stats(tmp_path: Path) -> None:
+    # Many small chunks (batch_lines=7) so that several are parsed concurrently; malformed
+    # and non-access lines scattered through them; a gateway line (two records) too.
+    egress = (ENVOY / "istio-docs-egress-gateway-2019.log").read_text().splitlines()
+    lines: list[str] = []
+    for i in range(60):
+        lines += [CLIENT, SERVER, *WAYPOINT, *LEGACY, *egress, STARTUP[i % 3]]
+        if i % 7 == 3:
+            lines.append(CLIENT[: 40 + i])  # cut short: malformed
+    log = write(tmp_path / "foo" / "sleep-1.log", lines)
+    outs = []
+    for workers in (1, 2):
+        obs = observe_inputs([str(log)], ObserveOptions(batch_lines=7, workers=workers))
+        outs.append((list(obs.batches), obs.stats))
+    (serial, s1), (threaded, s2) = outs
+    assert s1.malformed > 0 and s1.ignored_lines == 60 and s1.records > len(lines) - 70
+    assert s1.to_dict() == s2.to_dict()
+    assert len(serial) == len(threaded)
+    assert all(a.equals(b) for a, b in zip(serial, threaded, strict=True))
