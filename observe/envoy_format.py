@@ -143,7 +143,8 @@ _NUMERIC = frozenset(
 
 _OPERATOR_RE = re.compile(r"%([A-Z][A-Z0-9_-]*)(?:\(([^()]*)\))?(?::(\d+))?%")
 # Envoy's default %START_TIME%: RFC3339 with milliseconds; accept any fraction and offset.
-_ISO_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
+ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})$"
+_ISO_TIME = ISO_TIME_PATTERN
 
 CHUNK = 65536
 _NULL_STR = pa.scalar(None, pa.string())
@@ -427,6 +428,26 @@ def _numeric_names(fmt: EnvoyFormat) -> set[str]:
     }
 
 
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def real_times(col: pa.Array) -> pa.Array:
+    """False where an RFC3339-shaped value is no real instant (month 13, February 30)."""
+    try:
+        col.cast(_TIMESTAMP)
+        return pa.array(np.ones(len(col), dtype=bool))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    good: dict[str, bool] = {}
+    for value in pc.unique(col.drop_null()).to_pylist():
+        try:
+            pa.array([value]).cast(_TIMESTAMP)
+            good[value] = True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            good[value] = False
+    return pa.array([True if v is None else good[v] for v in col.to_pylist()], pa.bool_())
+
+
 def _validate(
     fmt: EnvoyFormat, cols: dict[str, pa.Array], unquoted: set[str]
 ) -> pa.Array | None:
@@ -446,7 +467,8 @@ def _validate(
             both(pc.fill_null(pc.greater(pc.binary_length(col), 0), True))
     for tok in fmt.tokens:
         if isinstance(tok, Operator) and tok.command == "START_TIME" and tok.arg is None:
-            both(pc.fill_null(pc.match_substring_regex(cols[tok.name], _ISO_TIME), False))
+            shaped = pc.fill_null(pc.match_substring_regex(cols[tok.name], _ISO_TIME), False)
+            both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[tok.name], None))))
     if ok is not None:
         ok = pc.fill_null(ok, False)
     return ok

@@ -37,10 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from observe.envoy_format import (
+    ISO_TIME_PATTERN,
     ISTIO_FIELDS,
     ParsedLines,
     _post_process,
     looks_like_istio_json,
+    real_times,
 )
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,21 @@ class _Collector:
         self.tables.append((table, indices))
         self.extra.update(c for c in table.column_names if c not in _ISTIO_SET)
 
+    def _drop_bad_times(self, table: pa.Table, rows: np.ndarray) -> pa.Table:
+        """Rows whose start_time is missing or no real RFC3339 instant are malformed."""
+        if table.num_rows == 0:
+            return table
+        col = table.column("start_time").combine_chunks()
+        shaped = pc.fill_null(pc.match_substring_regex(col, ISO_TIME_PATTERN), False)
+        ok = pc.and_(shaped, real_times(pc.if_else(shaped, col, None)))
+        ok_np = ok.to_numpy(zero_copy_only=False)
+        if ok_np.all():
+            return table
+        for line in rows[~ok_np]:
+            self.good[int(line)] = False
+            self.errors.append((int(line), "start_time missing or not a valid RFC3339 time"))
+        return table.filter(ok)
+
     def result(self) -> ParsedLines:
         columns = list(ISTIO_FIELDS) + sorted(self.extra)
         schema = pa.schema([(c, pa.string()) for c in columns])
@@ -162,6 +179,8 @@ class _Collector:
             idx = np.concatenate(order)
             if not np.all(idx[:-1] <= idx[1:]):
                 table = table.take(pa.array(np.argsort(idx, kind="stable")))
+        table = self._drop_bad_times(table, np.sort(np.concatenate(order)) if order else
+                                     np.zeros(0, dtype=np.int64))
         self.errors.sort()
         variants = pa.repeat(pa.scalar(VARIANT, pa.string()), table.num_rows)
         return ParsedLines(

@@ -151,3 +151,21 @@ def test_garbage_never_gives_a_traceback(tmp_path: Path, garbage: bytes) -> None
     result = _run("analyze", str(path), "-o", str(tmp_path / "out"))
     assert "Traceback" not in result.stderr
     assert result.returncode in (EXIT_OK, EXIT_INPUT, EXIT_NO_FLOWS), result.stderr
+
+
+def test_impossible_dates_are_malformed_lines_not_crashes(tmp_path: Path) -> None:
+    lines = HTTPBIN.read_text("utf-8").splitlines()
+    text = tmp_path / "bad.log"
+    text.write_text(lines[0].replace("2020-11-25", "2020-13-45") + "\n" + lines[1] + "\n")
+    record = {"start_time": "2020-02-30T21:26:18.409Z", "method": "GET", "path": "/",
+              "protocol": "HTTP/1.1", "response_code": 200, "upstream_cluster": "inbound|80||",
+              "downstream_local_address": "10.0.0.1:80",
+              "downstream_remote_address": "10.0.0.2:5555", "bytes_received": 0,
+              "bytes_sent": 1, "duration": 1, "requested_server_name": None}
+    good = {**record, "start_time": "2020-02-28T21:26:18.409Z"}
+    js = tmp_path / "bad.json"
+    js.write_text(json.dumps(record) + "\n" + json.dumps(good) + "\n")
+    for path in (text, js):
+        result = _run("observe", str(path), "-o", str(tmp_path / "f.parquet"))
+        assert result.returncode == EXIT_OK, result.stderr
+        assert "1 malformed" in result.stderr and f"{path}:1" in result.stderr

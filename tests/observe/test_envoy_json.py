@@ -7,6 +7,7 @@ path (copied below unchanged, so a later change to the module can't move the ora
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from benchmarks.gen_dump import generate
 from observe import envoy_json
 from observe.envoy_format import (
+    ISO_TIME_PATTERN,
     ISTIO_FIELDS,
     ParsedLines,
     _post_process,
@@ -50,6 +52,16 @@ def _old_json_value(v: object) -> str | None:
     return orjson.dumps(v).decode()
 
 
+def _real_start_time(value: object) -> bool:
+    if not isinstance(value, str) or not re.match(ISO_TIME_PATTERN, value):
+        return False
+    try:
+        pa.array([value]).cast(pa.timestamp("us", tz="UTC"))
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def old_parse_json(lines: pa.Array) -> ParsedLines:
     if not isinstance(lines, pa.Array):
         lines = pa.array(lines, pa.string())
@@ -71,11 +83,15 @@ def old_parse_json(lines: pa.Array) -> ParsedLines:
         if not looks_like_istio_json(obj):
             errors.append((i, "JSON object is not an Istio access-log record"))
             continue
-        good[i] = True
-        records.append(obj)
-        for k in obj:
+        for k in obj:  # columns come from every Istio-shaped record
             if k not in ISTIO_FIELDS and k not in extra:
                 extra.append(k)
+        if not _real_start_time(obj.get("start_time")):
+            # Added after the fast path: such rows used to crash the time conversion later.
+            errors.append((i, "start_time missing or not a valid RFC3339 time"))
+            continue
+        good[i] = True
+        records.append(obj)
     columns = list(ISTIO_FIELDS) + sorted(extra)
     table = pa.table(
         {c: pa.array([_old_json_value(r.get(c)) for r in records], pa.string()) for c in columns}
