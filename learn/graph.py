@@ -16,7 +16,7 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pandas as pd
 import pyarrow as pa
@@ -30,6 +30,9 @@ MAX_SOURCE_IPS = 1024
 EVIDENCE_SAMPLES = 3
 
 EdgeKey = tuple[str, str, int, str]
+_EPOCH = pd.Timestamp(0, tz="UTC")
+#: Sorts records without a time after every timed one (evidence samples).
+_LAST = datetime.max.replace(tzinfo=UTC)
 _KEYS = ("src_workload", "dst_workload", "dst_port", "protocol")
 #: Host names remembered per edge.
 MAX_HOSTS = 16
@@ -117,7 +120,7 @@ class GraphBuilder:
             denied=frame["denied"].fillna(False).astype(bool),
             status_class=_status_class(frame["status"]),
             hour=frame["time"].dt.hour,
-            minute=(frame["time"].astype("int64") // 60_000_000),
+            minute=(frame["time"].fillna(_EPOCH).astype("int64") // 60_000_000),
         )
         self._aggregate(frame)
 
@@ -141,14 +144,17 @@ class GraphBuilder:
             acc.requests += int(row.requests)
             acc.bytes += int(row.bytes)
             acc.denied += int(row.denied)
+            if pd.isna(row.first):
+                continue  # no record of this edge carried a time
             first, last = row.first.to_pydatetime(), row.last.to_pydatetime()
             acc.first = first if acc.first is None else min(acc.first, first)
             acc.last = last if acc.last is None else max(acc.last, last)
         for column, target in (("mtls", "mtls"), ("status_class", "classes")):
             for (*key, value), count in frame.groupby([*keys, column], sort=False).size().items():
                 getattr(self._acc(tuple(key)), target)[str(value)] += int(count)
+        timed = frame[frame["time"].notna()]
         for column, target in (("hour", "hours"), ("minute", "minutes")):
-            for (*key, value) in frame[[*keys, column]].drop_duplicates().itertuples(index=False):
+            for (*key, value) in timed[[*keys, column]].drop_duplicates().itertuples(index=False):
                 getattr(self._acc(tuple(key)), target).add(int(value))
         self._aggregate_operations(frame, keys)
         weak = frame[(frame["mtls"] != "mtls") & frame["src_ip"].notna()]
@@ -168,8 +174,8 @@ class GraphBuilder:
             EVIDENCE_SAMPLES)
         for (*key, t, origin) in samples[[*keys, "time", "origin"]].itertuples(index=False):
             acc = self._acc(tuple(key))
-            acc.evidence = heapq.nsmallest(
-                EVIDENCE_SAMPLES, [*acc.evidence, (t.to_pydatetime(), str(origin))])
+            when = _LAST if pd.isna(t) else t.to_pydatetime()
+            acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, [*acc.evidence, (when, str(origin))])
 
     def _aggregate_operations(self, frame: pd.DataFrame, keys: list[str]) -> None:
         http = frame[frame["protocol"].isin(("http", "grpc")) & ~frame["denied"]]

@@ -138,18 +138,19 @@ class _Collector:
         self.extra.update(c for c in table.column_names if c not in _ISTIO_SET)
 
     def _drop_bad_times(self, table: pa.Table, rows: np.ndarray) -> pa.Table:
-        """Rows whose start_time is missing or no real RFC3339 instant are malformed."""
+        """Rows whose start_time is no real RFC3339 instant are malformed."""
         if table.num_rows == 0:
             return table
         col = table.column("start_time").combine_chunks()
         shaped = pc.fill_null(pc.match_substring_regex(col, ISO_TIME_PATTERN), False)
-        ok = pc.and_(shaped, real_times(pc.if_else(shaped, col, None)))
+        # A record may lack a time (null); one it has must be a real RFC3339 instant.
+        ok = pc.or_(pc.is_null(col), pc.and_(shaped, real_times(pc.if_else(shaped, col, None))))
         ok_np = ok.to_numpy(zero_copy_only=False)
         if ok_np.all():
             return table
         for line in rows[~ok_np]:
             self.good[int(line)] = False
-            self.errors.append((int(line), "start_time missing or not a valid RFC3339 time"))
+            self.errors.append((int(line), "start_time is not a valid RFC3339 time"))
         return table.filter(ok)
 
     def result(self) -> ParsedLines:

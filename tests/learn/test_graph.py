@@ -97,3 +97,12 @@ def test_streaming_batches_equal_one_batch() -> None:
     for i in range(0, 40, 7):
         many.add(_batch(rows[i:i + 7]))
     assert one.build(_node).edges == many.build(_node).edges
+
+
+def test_records_without_time_are_counted_not_fatal() -> None:
+    builder = GraphBuilder()
+    builder.add(_batch([_req(0), _req(1, time=None, origin="x.json:9")]))
+    [edge] = builder.build(_node).edges
+    assert edge.requests == 2
+    assert edge.first_seen == edge.last_seen == T0
+    assert edge.evidence == ["details.log:1", "x.json:9"]  # untimed evidence sorts last

@@ -53,6 +53,8 @@ def _old_json_value(v: object) -> str | None:
 
 
 def _real_start_time(value: object) -> bool:
+    if value is None:
+        return True
     if not isinstance(value, str) or not re.match(ISO_TIME_PATTERN, value):
         return False
     try:
@@ -88,7 +90,7 @@ def old_parse_json(lines: pa.Array) -> ParsedLines:
                 extra.append(k)
         if not _real_start_time(obj.get("start_time")):
             # Added after the fast path: such rows used to crash the time conversion later.
-            errors.append((i, "start_time missing or not a valid RFC3339 time"))
+            errors.append((i, "start_time is not a valid RFC3339 time"))
             continue
         good[i] = True
         records.append(obj)
