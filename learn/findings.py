@@ -23,6 +23,13 @@ def _fid(kind: str, edge: Edge | None = None, node: str | None = None) -> str:
     return f"{kind}:{node}"
 
 
+def _on_edge(kind: str, severity: str, edge: Edge, summary: str) -> Finding:
+    """A finding about one edge, with the edge's evidence samples."""
+    return Finding(id=_fid(kind, edge), kind=kind, severity=severity, source=edge.source,
+                   destination=edge.destination, port=edge.port, summary=summary,
+                   evidence=list(edge.evidence))
+
+
 def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "0%"
 
@@ -36,85 +43,55 @@ def find(graph: Graph) -> list[Finding]:
         dst_node = graph.nodes.get(edge.destination)
         if edge.plaintext_requests and dst_node is not None and dst_node.ingress_gateway:
             clients = len(graph.nodes[edge.source].ips) or 1
-            findings.append(Finding(
-                id=_fid("plaintext", edge),
-                kind="plaintext",
-                severity="low",
-                source=edge.source,
-                destination=edge.destination,
-                port=edge.port,
-                summary=(
+            findings.append(_on_edge(
+                "plaintext", "low", edge,
+                (
                     f"{edge.plaintext_requests} requests from {clients} client address(es) "
                     f"reached the ingress gateway {edge.destination} on port {edge.port} over "
                     "plaintext; serve this listener over TLS if it faces the internet."
                 ),
-                evidence=list(edge.evidence),
             ))
         elif edge.plaintext_requests and allowed and _is_workload(graph, edge.destination):
             src = graph.nodes[edge.source]
             who = "an unmeshed client" if src.meshed is False or src.kind in (
                 EXTERNAL, UNKNOWN) else "a client"
-            findings.append(Finding(
-                id=_fid("plaintext", edge),
-                kind="plaintext",
-                severity="high" if _is_workload(graph, edge.source) else "medium",
-                source=edge.source,
-                destination=edge.destination,
-                port=edge.port,
-                summary=(
+            findings.append(_on_edge(
+                "plaintext", "high" if _is_workload(graph, edge.source) else "medium", edge,
+                (
                     f"{edge.plaintext_requests} of {edge.requests} requests "
                     f"({_share(edge.plaintext_requests, edge.requests)}) from {who} "
                     f"{edge.source} to {edge.destination}:{edge.port} were unencrypted; "
                     f"only its source addresses ({', '.join(edge.source_ips[:5]) or 'none'}) "
                     "can authorize it (weak)."
                 ),
-                evidence=list(edge.evidence),
             ))
             permissive.setdefault((edge.destination, edge.port), []).append(edge)
         if edge.source.startswith(f"{UNKNOWN}:") and allowed > 0:
-            findings.append(Finding(
-                id=_fid("unknown-source", edge),
-                kind="unknown-source",
-                severity="medium",
-                source=edge.source,
-                destination=edge.destination,
-                port=edge.port,
-                summary=(
+            findings.append(_on_edge(
+                "unknown-source", "medium", edge,
+                (
                     f"{allowed} requests to {edge.destination}:{edge.port} came from "
                     f"{edge.source[len(UNKNOWN) + 1:]}, an address no pod, node or service in the "
                     "inventory or the logs accounts for at that time."
                 ),
-                evidence=list(edge.evidence),
             ))
         if edge.destination.startswith(f"{EXTERNAL}:"):
-            findings.append(Finding(
-                id=_fid("external-egress", edge),
-                kind="external-egress",
-                severity="low",
-                source=edge.source,
-                destination=edge.destination,
-                port=edge.port,
-                summary=(
+            findings.append(_on_edge(
+                "external-egress", "low", edge,
+                (
                     f"{edge.source} reached {edge.destination[len(EXTERNAL) + 1:]}:{edge.port} "
                     f"outside the cluster {edge.requests} times "
                     f"(hosts: {', '.join(edge.hosts[:5]) or 'unknown'})."
                 ),
-                evidence=list(edge.evidence),
             ))
         if edge.denied_requests:
-            findings.append(Finding(
-                id=_fid("denied", edge),
-                kind="denied",
-                severity="info",
-                source=edge.source,
-                destination=edge.destination,
-                port=edge.port,
-                summary=(
+            findings.append(_on_edge(
+                "denied", "info", edge,
+                (
                     f"{edge.denied_requests} of {edge.requests} requests from {edge.source} to "
                     f"{edge.destination}:{edge.port} were already rejected by an existing policy; "
                     "the proposal does not allow them."
                 ),
-                evidence=list(edge.evidence),
             ))
     for (destination, port), edges in sorted(permissive.items()):
         sources = sorted({e.source for e in edges})
