@@ -29,3 +29,13 @@ def test_ruff_clean() -> None:
 def test_mypy_clean() -> None:
     result = _run(sys.executable, "-m", "mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_copied_test_file_has_its_attribution_row() -> None:
+    data = ROOT / "tests" / "data"
+    text = (data / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    rows = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
+    files = {p.relative_to(data).as_posix() for p in data.rglob("*")
+             if p.is_file() and p.name != "ATTRIBUTION.md"}
+    assert files - rows == set(), "files copied into tests/data need a provenance row"
+    assert rows - files == set(), "rows for files that are not there"
