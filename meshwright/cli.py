@@ -157,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # the environment, not a bug: disk full, permissions, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"meshwright: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
     except Exception as exc:  # a bug: one line, traceback on request
         if args.debug:
             raise

@@ -124,7 +124,11 @@ def analyze(args: argparse.Namespace) -> int:
     for path in args.inventory:
         if not Path(path).exists():
             raise InputError("inventory file not found", origin=path)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output directory: {exc.strerror}", origin=str(out),
+                         hint="-o names a directory meshwright may create or write") from exc
     plan = plan_inputs(list(args.inputs), envoy_format=args.envoy_format)
     inventory = _inventory(args, list(plan.inventories))
     known_pods = frozenset((p.namespace, p.name) for p in inventory.pods)

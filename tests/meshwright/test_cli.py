@@ -169,3 +169,9 @@ def test_impossible_dates_are_malformed_lines_not_crashes(tmp_path: Path) -> Non
         result = _run("observe", str(path), "-o", str(tmp_path / "f.parquet"))
         assert result.returncode == EXIT_OK, result.stderr
         assert "1 malformed" in result.stderr and f"{path}:1" in result.stderr
+
+
+def test_unwritable_output_is_an_error_not_a_crash() -> None:
+    result = _run("analyze", str(SAMPLE), "-o", "/proc/meshwright-out")
+    assert result.returncode == EXIT_INPUT
+    assert "/proc/meshwright-out" in result.stderr and "internal error" not in result.stderr
