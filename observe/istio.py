@@ -87,7 +87,9 @@ _EPOCH_RE = r"^\d{9,11}(\.\d+)?$"
 def _col(fields: pa.Table, name: str) -> pa.Array:
     if name not in fields.column_names:
         return pa.nulls(fields.num_rows, _STR)
-    col = fields.column(name).combine_chunks()
+    chunked = fields.column(name)
+    # combine_chunks copies even a single chunk; the parser hands over one chunk per column.
+    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
     return col.cast(_STR) if col.type != _STR else col
 
 
@@ -162,10 +164,14 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     n = len(arr)
     if n == 0 or arr.null_count == n:
         return pa.nulls(n, _STR), pa.nulls(n, pa.int32())
-    enc = pc.dictionary_encode(arr)
-    if len(enc.dictionary) * 4 <= n:  # few distinct addresses: regex them directly
-        ip, port = _address_plain(enc.dictionary)
-        return ip.take(enc.indices), port.take(enc.indices)
+    # Remote addresses carry ephemeral ports (nearly all distinct): a sample tells cheaply
+    # whether encoding the whole column is worth it.
+    sample = arr.slice(0, 4096)
+    if len(pc.unique(sample)) * 4 <= len(sample):
+        enc = pc.dictionary_encode(arr)
+        if len(enc.dictionary) * 4 <= n:  # few distinct addresses: regex them directly
+            ip, port = _address_plain(enc.dictionary)
+            return ip.take(enc.indices), port.take(enc.indices)
     starts, ends, data = _string_parts(arr)
     colons = np.flatnonzero(data == 58)
     if len(colons) == 0:
