@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from observe.errors import InputError, UsageError
-from observe.flows_io import FlowWriter, read_flows
+from observe.flows_io import FlowWriter
 
 if TYPE_CHECKING:
     from observe.inventory import Inventory
 from observe.pipeline import InputPlan, ObserveOptions, ObserveStats, iter_flows, plan_inputs
-from observe.schema import without_learned
 
 EXIT_OK = 0
 EXIT_NO_FLOWS = 4
-#: Namespaces that never get namespace-wide policies (control-plane traffic is not logged).
-SYSTEM_NAMESPACES = frozenset({"istio-system", "kube-system"})
 
 
 class Progress:
@@ -109,14 +106,8 @@ def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:
 
 def analyze(args: argparse.Namespace) -> int:
     # Imported here so that `observe` (the hot path on big dumps) doesn't pay for pandas & co.
-    import pyarrow.compute as pc
-
-    from emit import outputs, report
-    from emit.istio import istio_manifests
-    from learn import paths
-    from learn.findings import find
-    from learn.graph import GraphBuilder
-    from learn.identity import IdentityResolver
+    from emit.analysis import EmitOptions, emit_outputs
+    from learn.pipeline import learn_graph
 
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -140,64 +131,23 @@ def analyze(args: argparse.Namespace) -> int:
         if stats.records == 0:
             _say(args, "meshwright: no flow records found in the inputs; nothing to learn")
             return EXIT_NO_FLOWS
-        resolver = IdentityResolver(inventory, trust_domain=args.trust_domain)
-        inbound_reporters: set[str] = set()
-        lease_columns = ["time", "direction", "reporter", "src_ip", "dst_ip"]
-        for batch in read_flows(raw, columns=lease_columns):
-            resolver.learn_leases(batch)
-            inbound = batch.filter(pc.fill_null(pc.equal(batch["direction"], "inbound"), False))
-            inbound_reporters.update(
-                r for r in pc.unique(inbound["reporter"]).to_pylist() if r
-            )
-        builder = GraphBuilder(
-            inbound_reporters=inbound_reporters,
-            path_family=paths.path_family,
-            families=paths.families,
-        )
-        with FlowWriter(out / "flows.parquet") as writer:
-            for batch in read_flows(raw):
-                resolved = resolver.resolve(without_learned(batch))
-                builder.add(resolved)
-                writer.write(resolved)
+        learned = learn_graph(raw, inventory, trust_domain=args.trust_domain,
+                              resolved_out=out / "flows.parquet")
     finally:
         if raw.exists():
             os.unlink(raw)
 
-    idle = [n.id for n in resolver.workloads()]
-    graph = builder.build(
-        resolver.node, idle=idle, ambiguities=[*resolver.ambiguities, *resolver.inferred],
-        trust_domain=args.trust_domain,
-    )
-    findings = find(graph)
-    manifests = istio_manifests(
-        graph, plaintext=args.plaintext, dry_run=args.dry_run_annotation,
-        system_namespaces=SYSTEM_NAMESPACES,
-    )
-    outputs.write_policies(manifests, out)
-    outputs.write_json(out / "graph.json", outputs.graph_json(graph))
-    outputs.write_json(out / "findings.json", outputs.findings_json(findings))
-    learn_stats = {
-        "records_counted": builder.records_counted,
-        "records_mirrored": builder.records_mirrored,
-        "records_unattributed": builder.records_unattributed,
-    }
-    text = report.render_report(
-        graph, findings, manifests,
-        stats={**stats.to_dict(), **learn_stats},
-        excluded=report.excluded_items(
-            graph, plaintext=args.plaintext, system_namespaces=SYSTEM_NAMESPACES
-        ),
-        options={"trust_domain": args.trust_domain, "plaintext": args.plaintext,
-                 "dry_run": args.dry_run_annotation, "system_namespaces": SYSTEM_NAMESPACES},
-    )
-    outputs.write_text_atomic(out / "report.md", text)
+    options = EmitOptions(plaintext=args.plaintext, dry_run=args.dry_run_annotation,
+                          trust_domain=args.trust_domain)
+    emitted = emit_outputs(out, learned.graph, options,
+                           stats={**stats.to_dict(), **learned.stats})
     by_severity: dict[str, int] = {}
-    for f in findings:
+    for f in emitted.findings:
         by_severity[f.severity] = by_severity.get(f.severity, 0) + 1
     _say(
         args,
-        f"meshwright: {len(graph.nodes)} nodes, {len(graph.edges)} edges, "
-        f"{len(manifests)} manifests, findings: "
+        f"meshwright: {len(learned.graph.nodes)} nodes, {len(learned.graph.edges)} edges, "
+        f"{len(emitted.manifests)} manifests, findings: "
         + (", ".join(f"{n} {s}" for s, n in sorted(by_severity.items())) or "none"),
     )
     _say(args, f"meshwright: wrote {out}/ (report.md, policies/, graph.json, findings.json, "
