@@ -334,7 +334,11 @@ def plan_istio(
         ns_edges[node.namespace].extend(allowed)
 
     manifests_expl = list(policies)
-    for ns in sorted(ns_edges):
+    # Every observed namespace with meshed workloads gets the defaults, also one whose
+    # workloads were only seen calling out: nothing was seen calling in, so nothing may.
+    meshed_ns = {n.namespace for n in graph.nodes.values()
+                 if n.namespace and n.meshed and not n.id.startswith(NON_WORKLOAD_PREFIXES)}
+    for ns in sorted(set(ns_edges) | meshed_ns):
         if ns in system_namespaces:
             continue
         if uncovered.get(ns):

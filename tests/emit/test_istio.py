@@ -339,3 +339,24 @@ def test_uncoverable_destination_withholds_namespace_default_deny(make_bookinfo:
     names = {m["metadata"]["name"] for m in istio_manifests(graph)
              if m["metadata"]["namespace"] == "default"}
     assert "allow-nothing" not in names
+
+
+def test_client_only_namespaces_get_defaults_when_meshed() -> None:
+    nodes = {
+        "shop/web": Node("shop/web", "Deployment", "shop", "web", principal="cluster.local/ns/"
+                         "shop/sa/web", selector={"app": "web"}, meshed=True, in_inventory=True),
+        "jobs/cron": Node("jobs/cron", "CronJob", "jobs", "cron", principal="cluster.local/ns/"
+                          "jobs/sa/cron", selector={"app": "cron"}, meshed=True),
+        "legacy/old": Node("legacy/old", "Deployment", "legacy", "old", selector={"app": "old"},
+                           meshed=False),
+    }
+    edges = [Edge("jobs/cron", "shop/web", 8080, "tcp", requests=2, mtls_requests=2),
+             Edge("legacy/old", "shop/web", 8080, "tcp", requests=1, plaintext_requests=1,
+                  source_ips=["10.1.2.3"])]
+    names = {(m["metadata"]["namespace"], m["kind"], m["metadata"]["name"])
+             for m in istio_manifests(Graph(nodes=nodes, edges=edges))}
+    assert ("jobs", "AuthorizationPolicy", "allow-nothing") in names
+    assert ("jobs", "PeerAuthentication", "default") in names
+    assert not any(ns == "legacy" for ns, _, _ in names)  # no sidecars: nothing to enforce
+    for manifest in istio_manifests(Graph(nodes=nodes, edges=edges)):
+        validate(manifest)
