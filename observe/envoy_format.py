@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -448,6 +449,30 @@ def real_times(col: pa.Array) -> pa.Array:
     return pa.array([True if v is None else good[v] for v in col.to_pylist()], pa.bool_())
 
 
+# Envoy's default %START_TIME% layout, 2024-01-02T03:04:05.678Z: 0 = a digit, else that byte.
+_ISO_LAYOUT = np.frombuffer(b"0000-00-00T00:00:00.000Z", dtype=np.uint8)
+_ISO_DIGIT = _ISO_LAYOUT == 48
+
+
+def _iso_shaped(col: pa.Array) -> pa.Array:
+    """Where ``col`` matches :data:`ISO_TIME_PATTERN` (False for null).
+
+    Envoy's default layout is checked with numpy on the raw bytes; the regex runs only when
+    some value has another length or layout.
+    """
+    n, w = len(col), len(_ISO_LAYOUT)
+    if n and not col.null_count and col.type == pa.string():
+        bufs = col.buffers()
+        offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=col.offset * 4)
+        if int(offs[-1]) - int(offs[0]) == n * w and bool((np.diff(offs) == w).all()):
+            raw = np.frombuffer(bufs[2], dtype=np.uint8, count=n * w, offset=int(offs[0]))
+            rows = raw.reshape(n, w)
+            digits = (rows - np.uint8(48)) <= 9  # wraps: non-digits > 9
+            if bool(np.where(_ISO_DIGIT, digits, rows == _ISO_LAYOUT).all()):
+                return pa.array(np.ones(n, dtype=bool))
+    return pc.fill_null(pc.match_substring_regex(col, _ISO_TIME), False)
+
+
 def _validate(
     fmt: EnvoyFormat, cols: dict[str, pa.Array], unquoted: set[str]
 ) -> pa.Array | None:
@@ -467,15 +492,44 @@ def _validate(
             both(pc.fill_null(pc.greater(pc.binary_length(col), 0), True))
     for tok in fmt.tokens:
         if isinstance(tok, Operator) and tok.command == "START_TIME" and tok.arg is None:
-            shaped = pc.fill_null(pc.match_substring_regex(cols[tok.name], _ISO_TIME), False)
+            shaped = _iso_shaped(cols[tok.name])
             both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[tok.name], None))))
     if ok is not None:
         ok = pc.fill_null(ok, False)
     return ok
 
 
-def _fast_chunk(lines: pa.Array, fmt: EnvoyFormat) -> tuple[dict[str, pa.Array], np.ndarray]:
+_SCRATCH = threading.local()
+_ZERO = np.zeros(1, dtype=np.int64)
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A per-thread byte buffer of ``size`` bytes, reused: a fresh chunk-sized array costs
+    more in page faults than the pass that fills it."""
+    buf: np.ndarray | None = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = np.empty(max(size, 1 << 20), dtype=np.uint8)
+        _SCRATCH.buf = buf
+    return buf[:size]
+
+
+def _kept_fields(fmt: EnvoyFormat, wanted: Collection[str] | None) -> list[str]:
+    """The fields to cut: the wanted ones plus those :func:`_validate` checks."""
+    if wanted is None:
+        return list(fmt.fields)
+    checked = _numeric_names(fmt) | {
+        t.name for t in fmt.tokens
+        if isinstance(t, Operator) and t.command == "START_TIME" and t.arg is None
+    }
+    return [name for name in fmt.fields if name in wanted or name in checked]
+
+
+def _fast_chunk(
+    lines: pa.Array, fmt: EnvoyFormat, kept: Sequence[str] | None = None
+) -> tuple[dict[str, pa.Array], np.ndarray]:
     """Parse one chunk with ``fmt``'s plan; return columns of good rows and the good mask.
+
+    Only the ``kept`` fields (default: all) are cut out; every field is still checked.
 
     Works on byte positions: every '"' and ' ' of the chunk is located once with numpy, each
     field's (start, end) follows from the plan, and each column is cut out of the original
@@ -494,10 +548,18 @@ def _fast_chunk(lines: pa.Array, fmt: EnvoyFormat) -> tuple[dict[str, pa.Array],
     data = np.frombuffer(data_buf, dtype=np.uint8)
     lo, hi = int(offs[0]), int(offs[-1])
     window = data[lo:hi]
-    qpos = np.flatnonzero(window == 34) + lo
+    # '"' (34) and ' ' (32) differ only in bit 1: one pass finds both, sorted together, so a
+    # piece's separators are the entries right after its opening quote (no search per piece).
+    scratch = _scratch(len(window))
+    np.bitwise_and(window, 0xFD, out=scratch)
+    hits = np.flatnonzero(np.equal(scratch, 32, out=scratch.view(bool)))
+    pos = hits + lo if lo else hits  # big arrays: skip the copy when it is a no-op
+    is_q = window[hits] == 34
+    qj = np.flatnonzero(is_q)  # indices into pos of the quotes
     line_start = offs[:-1].astype(np.int64)
     line_end = offs[1:].astype(np.int64)
-    qi = np.searchsorted(qpos, offs)  # line i's quotes: qi[i] .. qi[i + 1]
+    pj = np.searchsorted(pos, offs)  # line i's hits: pj[i] .. pj[i + 1]
+    qi = np.searchsorted(qj, pj)  # line i's quotes: qi[i] .. qi[i + 1]
     qi0 = qi[:-1]
     good = np.diff(qi) == nq
     if lines.null_count:
@@ -505,20 +567,22 @@ def _fast_chunk(lines: pa.Array, fmt: EnvoyFormat) -> tuple[dict[str, pa.Array],
     idx = np.flatnonzero(good)
     if not len(idx):
         return {}, good
-    spos = np.flatnonzero(window == 32) + lo
-    quotes = qpos[qi0[idx][:, None] + np.arange(nq)] if nq else np.empty((len(idx), 0), np.int64)
+    # (quote k, row) layout: each quote's row of positions is contiguous.
+    qjl = np.take(qj, np.arange(nq)[:, None] + qi0[idx]) if nq else np.empty((0, len(idx)), int)
+    quotes = np.take(pos, qjl)
     starts0, ends0 = line_start[idx], line_end[idx]
+    first_j, end_j = pj[:-1][idx], pj[1:][idx]
 
-    def at(pos: np.ndarray) -> np.ndarray:
+    def at(p: np.ndarray) -> np.ndarray:
         # Positions of rows already failing a check may point outside the data: clip them.
-        return np.take(data, pos, mode="clip")
+        return np.take(data, p, mode="clip")
 
     ok = np.ones(len(idx), dtype=bool)
     bounds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     unquoted: set[str] = set()
     for k, piece in enumerate(pieces):
-        a = starts0 if k == 0 else quotes[:, k - 1] + 1
-        b = ends0 if k == nq else quotes[:, k]
+        a = starts0 if k == 0 else quotes[k - 1] + 1
+        b = ends0 if k == nq else quotes[k]
         pre, suf = piece.prefix.encode(), piece.suffix.encode()
         if piece.fields:
             ok &= (b - a) >= len(pre) + len(suf)
@@ -528,17 +592,24 @@ def _fast_chunk(lines: pa.Array, fmt: EnvoyFormat) -> tuple[dict[str, pa.Array],
             ok &= at(a + j) == c
         for j, c in enumerate(suf):
             ok &= at(b - len(suf) + j) == c
-        a2, b2 = a + len(pre), b - len(suf)
+        a2 = a + len(pre) if pre else a
+        b2 = b - len(suf) if suf else b
         nf = len(piece.fields)
         if nf == 1:
             bounds[piece.fields[0].name] = (a2, b2)
         elif nf > 1:
-            si0 = np.searchsorted(spos, a2)
-            ok &= (np.searchsorted(spos, b2) - si0) == nf - 1
-            cut = spos[np.clip(si0[:, None] + np.arange(nf - 1), 0, max(len(spos) - 1, 0))]
+            # Hits strictly inside the piece are its spaces: the literal ones of prefix and
+            # suffix (checked above) plus exactly nf - 1 separators.
+            ja = first_j - 1 if k == 0 else qjl[k - 1]
+            jb = end_j if k == nq else qjl[k]
+            npre = pre.count(b" ")
+            ok &= (jb - ja - 1) == npre + suf.count(b" ") + nf - 1
+            # ja + 1 >= 0; only rows already failing can run past the end: clip those.
+            cut = np.take(pos if len(pos) else _ZERO, np.arange(nf - 1)[:, None] + (ja + 1 + npre),
+                          mode="clip")
             for j, f in enumerate(piece.fields):
-                s_ = a2 if j == 0 else cut[:, j - 1] + 1
-                e_ = b2 if j == nf - 1 else cut[:, j]
+                s_ = a2 if j == 0 else cut[j - 1] + 1
+                e_ = b2 if j == nf - 1 else cut[j]
                 bounds[f.name] = (s_, e_)
         if not piece.quoted:
             unquoted.update(f.name for f in piece.fields)
@@ -551,9 +622,12 @@ def _fast_chunk(lines: pa.Array, fmt: EnvoyFormat) -> tuple[dict[str, pa.Array],
     m = int(ok.sum())
     take_even = pa.array(np.arange(0, max(2 * m - 1, 0), 2, dtype=np.int32))
     cols: dict[str, pa.Array] = {}
-    for name in fmt.fields:
+    for name in fmt.fields if kept is None else kept:
         s_, e_ = bounds[name]
-        dash = ((e_ - s_) == 1) & (at(s_) == 45)
+        dash = (e_ - s_) == 1
+        one = np.flatnonzero(dash)
+        if len(one):  # only one-byte values can be '-': gather just those
+            dash[one] = data[s_[one]] == 45
         cols[name] = _cut(data_buf, s_, e_, ~dash, take_even)
     valid = _validate(fmt, cols, set())
     if valid is not None:
@@ -600,18 +674,21 @@ def _nullify(arr: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(arr, "-"), _NULL_STR, arr)
 
 
-def _fast_parse(lines: pa.Array, fmt: EnvoyFormat) -> tuple[pa.Table, np.ndarray]:
+def _fast_parse(
+    lines: pa.Array, fmt: EnvoyFormat, wanted: Collection[str] | None = None
+) -> tuple[pa.Table, np.ndarray]:
     """Vectorized parse of ``lines`` (any length) with ``fmt``: (good rows table, good mask)."""
     tables: list[pa.Table] = []
     masks: list[np.ndarray] = []
+    kept = _kept_fields(fmt, wanted)
     for start in range(0, len(lines), CHUNK):
         chunk = lines.slice(start, CHUNK)
-        cols, mask = _fast_chunk(chunk, fmt)
+        cols, mask = _fast_chunk(chunk, fmt, kept)
         masks.append(mask)
         if cols:
             tables.append(pa.table(cols))
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
-    schema = pa.schema([(name, pa.string()) for name in fmt.fields])
+    schema = pa.schema([(name, pa.string()) for name in kept])
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     return table, mask
 
@@ -681,12 +758,28 @@ def _assemble(
     return table, variants
 
 
+def _has_byte(col: pa.ChunkedArray, byte: int) -> bool:
+    """False only if no value of ``col`` contains ``byte`` (a cheap scan of the raw data)."""
+    for chunk in col.chunks:
+        bufs = chunk.buffers()
+        if chunk.type != pa.string() or len(bufs) < 3:
+            return True
+        if bufs[2] is None or not len(chunk):
+            continue
+        offs = np.frombuffer(bufs[1], dtype=np.int32, count=len(chunk) + 1,
+                             offset=chunk.offset * 4)
+        data = np.frombuffer(bufs[2], dtype=np.uint8)[int(offs[0]) : int(offs[-1])]
+        if (data == byte).any():
+            return True
+    return False
+
+
 def _post_process(table: pa.Table) -> pa.Table:
     # %UPSTREAM_CLUSTER% (pre-1.24) prints the cluster's alt_stat_name, which Istio ends with
     # ';' ("outbound|9080||productpage.default.svc.cluster.local;"); keep the cluster name only.
     if "upstream_cluster" in table.column_names:
         col = table.column("upstream_cluster")
-        if pc.any(pc.match_substring(col, ";")).as_py():
+        if _has_byte(col, 59) and pc.any(pc.match_substring(col, ";")).as_py():
             fixed = pc.replace_substring_regex(col, ";.*$", "")
             table = table.set_column(
                 table.column_names.index("upstream_cluster"), "upstream_cluster", fixed
@@ -694,8 +787,16 @@ def _post_process(table: pa.Table) -> pa.Table:
     return table
 
 
-def parse_text(lines: pa.Array, fmt: EnvoyFormat | None = None) -> ParsedLines:
+def parse_text(
+    lines: pa.Array,
+    fmt: EnvoyFormat | None = None,
+    *,
+    columns: Collection[str] | None = None,
+) -> ParsedLines:
     """Parse Envoy TEXT access-log lines (already unwrapped from any container layout).
+
+    ``columns``: the fields the caller needs; ``fields`` then holds only those (cutting a
+    field out of the lines is the costliest step). Every field is still checked.
 
     With ``fmt`` None, the known Istio/Envoy variants are recognised by themselves. Exact:
     every line is either a row of ``fields`` (``good`` True) or in ``errors``. Every
@@ -715,7 +816,7 @@ def parse_text(lines: pa.Array, fmt: EnvoyFormat | None = None) -> ParsedLines:
     for f in formats:
         if not len(remaining) or f.pieces is None:
             continue
-        table, mask = _fast_parse(rest, f)
+        table, mask = _fast_parse(rest, f, columns)
         if mask.any():
             parts.append((table, remaining[mask], f.name))
             remaining = remaining[~mask]
@@ -749,11 +850,13 @@ def parse_text(lines: pa.Array, fmt: EnvoyFormat | None = None) -> ParsedLines:
             for i, line in zip(remaining, leftover, strict=True)
         ]
     # Istio's fields always (auto mode), plus the extra fields of the variants that matched.
-    columns = list(ISTIO_FIELDS) if fmt is None else list(fmt.fields)
+    names = list(ISTIO_FIELDS) if fmt is None else list(fmt.fields)
     by_name = {f.name: f for f in formats}
     for _, _, variant in parts:
-        columns += [c for c in by_name[variant].fields if c not in columns]
-    table, variants = _assemble(parts, columns)
+        names += [c for c in by_name[variant].fields if c not in names]
+    if columns is not None:
+        names = [c for c in names if c in columns]
+    table, variants = _assemble(parts, names)
     good = np.ones(n, dtype=bool)
     good[remaining] = False
     if errors:

@@ -334,7 +334,9 @@ def _cut_lines(buf: np.ndarray, ends: np.ndarray) -> pa.StringArray:
     offsets[2::2] = ends[:-1] + 1
     both = pa.StringArray.from_buffers(2 * n - 1, pa.py_buffer(offsets), pa.py_buffer(buf))
     lines = pc.take(both, pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32)))
-    if (buf == 13).any():
+    # Only a trailing '\r' is trimmed: look at each line's last byte, not the whole buffer.
+    last = np.maximum(ends - 1, 0)
+    if len(buf) and ((ends > offsets[0::2]) & (buf[last] == 13)).any():
         lines = pc.utf8_rtrim(lines, characters="\r")
     return lines
 
@@ -351,6 +353,7 @@ def iter_line_chunks(
     # One buffer reused for the whole stream: fresh big allocations cost page faults.
     buf = np.empty(max(chunk_bytes, read_size) + read_size, dtype=np.uint8)
     view = buf.data
+    newline_mask = np.empty(read_size, dtype=bool)
     ends: list[np.ndarray] = []  # newline positions in buf, per read
     size = count = 0
     lineno = 1
@@ -360,7 +363,9 @@ def iter_line_chunks(
             view = buf.data
         got = stream.readinto(view[size : size + read_size]) or 0  # type: ignore[attr-defined]
         if got:
-            nl = np.flatnonzero(buf[size : size + got] == 10)
+            # Into a reused mask: a fresh read-sized temporary costs page faults each time.
+            mask = np.equal(buf[size : size + got], 10, out=newline_mask[:got])
+            nl = np.flatnonzero(mask)
             ends.append(nl + size if size else nl)
             size += got
             count += len(nl)

@@ -84,6 +84,18 @@ _ISO_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:?\d{2})
 _EPOCH_RE = r"^\d{9,11}(\.\d+)?$"
 
 
+#: The parsed fields :func:`flow_batches` reads (``parse_text(columns=...)`` cuts only these).
+FIELDS_USED: frozenset[str] = frozenset(
+    {
+        "start_time", "method", "path", "protocol", "response_code", "response_flags",
+        "response_code_details", "connection_termination_details", "bytes_received",
+        "bytes_sent", "duration", "user_agent", "request_id", "authority", "upstream_host",
+        "upstream_cluster", "upstream_local_address", "downstream_local_address",
+        "downstream_remote_address", "requested_server_name",
+    }
+)
+
+
 def _col(fields: pa.Table, name: str) -> pa.Array:
     if name not in fields.column_names:
         return pa.nulls(fields.num_rows, _STR)
@@ -173,20 +185,21 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
             ip, port = _address_plain(enc.dictionary)
             return ip.take(enc.indices), port.take(enc.indices)
     starts, ends, data = _string_parts(arr)
-    colons = np.flatnonzero(data == 58)
-    if len(colons) == 0:
-        colon = np.full(n, -1, dtype=np.int64)
-    else:
-        k = np.searchsorted(colons, ends) - 1
-        colon = np.where(k >= 0, colons[np.maximum(k, 0)], -1)
-    plen = ends - colon - 1
-    has_port = (colon >= starts) & (plen >= 1) & (plen <= 5)
-    # Digits after the colon, right-aligned in a width-5 window (earlier bytes weigh 0).
-    win = np.take(data, (ends - 5)[:, None] + np.arange(5), mode="clip").astype(np.int32) - 48
-    used = np.arange(5) >= (5 - plen)[:, None]
-    digit = (win >= 0) & (win <= 9)
-    has_port &= (digit | ~used).all(axis=1)
-    value = (np.where(used, win, 0) * _PORT_WEIGHTS[::-1]).sum(axis=1, dtype=np.int32)
+    # A port is 1-5 digits after the last colon, so only the last 6 bytes matter: a few 1-D
+    # gathers instead of locating every colon of the column.
+    room = ends - starts
+    plen = np.zeros(n, dtype=np.int64)
+    for k in range(5, 0, -1):  # the nearest colon to the end wins
+        hit = (room > k) & (np.take(data, ends - k - 1, mode="clip") == 58)
+        plen[hit] = k
+    has_port = plen > 0
+    value = np.zeros(n, dtype=np.int32)
+    for j in range(1, 6):
+        digit = np.take(data, ends - j, mode="clip") - np.uint8(48)  # wraps: non-digits > 9
+        used = plen >= j
+        has_port &= ~used | (digit <= 9)
+        value += np.where(used, digit.astype(np.int32) * _PORT_WEIGHTS[j - 1], 0)
+    colon = ends - plen - 1
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     head = _slices(arr, starts, np.where(has_port, colon, ends), valid)
     henc = pc.dictionary_encode(head)
@@ -196,6 +209,18 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     port_ok = has_port & ip.is_valid().to_numpy(zero_copy_only=False)
     port = pa.array(value, type=pa.int32(), mask=~port_ok)
     return ip, port
+
+
+def _grpc_paths(path: pa.Array, rows: pa.Array) -> pa.Array:
+    """Where ``path`` looks like ``/package.Service/Method``; the regex runs on ``rows`` only
+    (False elsewhere)."""
+    sel = rows.to_numpy(zero_copy_only=False)
+    out = np.zeros(len(path), dtype=bool)
+    idx = np.flatnonzero(sel)
+    if len(idx):
+        hits = _mask(pc.match_substring_regex(path.take(pa.array(idx)), _GRPC_PATH_RE))
+        out[idx] = hits.to_numpy(zero_copy_only=False)
+    return pa.array(out)
 
 
 def _int(arr: pa.Array, typ: pa.DataType) -> pa.Array:
@@ -298,13 +323,8 @@ def flow_batches(
     dst_port = pc.if_else(use_uh, uh_port, dla_port)
 
     is_tcp = _mask(pc.or_kleene(pc.or_kleene(method.is_null(), path.is_null()), proto.is_null()))
-    grpc = pc.and_(
-        pc.and_(_mask(pc.equal(proto, "HTTP/2")), _mask(pc.equal(method, "POST"))),
-        pc.or_(
-            _mask(pc.match_substring_regex(path, _GRPC_PATH_RE)),
-            _mask(pc.starts_with(ua, "grpc-")),
-        ),
-    )
+    h2_post = pc.and_(_mask(pc.equal(proto, "HTTP/2")), _mask(pc.equal(method, "POST")))
+    grpc = pc.and_(h2_post, pc.or_(_grpc_paths(path, h2_post), _mask(pc.starts_with(ua, "grpc-"))))
     protocol = pc.if_else(is_tcp, "tcp", pc.if_else(grpc, "grpc", "http"))
 
     sni_mtls = _mask(pc.starts_with(sni, "outbound_."))
@@ -380,7 +400,7 @@ def flow_batches(
         "dst_ip": dla_ip.filter(gateway),
         "dst_port": dla_port.filter(gateway),
         "mtls": server_mtls.filter(gateway),
-        "service_host": pc.coalesce(sni_host, named_host).filter(gateway),
+        "service_host": pc.coalesce(sni_host.filter(gateway), named_host.filter(gateway)),
     }
     legs = _batch({**dict(zip(legs.schema.names, legs.columns, strict=True)), **overrides}, m)
     log.debug("%d gateway lines gave a downstream-leg record each", m)

@@ -184,7 +184,9 @@ class _Job:
         if self.source == SOURCE_JSON:
             parsed = envoy_format.parse_json(self.lines)
         else:
-            parsed = envoy_format.parse_text(self.lines, self.fmt)
+            parsed = envoy_format.parse_text(
+                self.lines, self.fmt, columns=istio.FIELDS_USED
+            )
         good = np.asarray(parsed.good, dtype=bool)
         bad = int(len(good) - good.sum())
         samples: list[tuple[str, str]] = []

@@ -306,3 +306,55 @@ def test_looks_like_envoy_text_rejects_other_logs() -> None:
     assert not looks_like_envoy_text("2024-04-18T07:46:30.123Z\tinfo\taccess\tconnection complete")
     assert not looks_like_envoy_text('{"start_time": "x"}')
     assert looks_like_envoy_text(IN_LINE)
+
+
+# ------------------------------------------------------------------ fast-path details
+
+
+def test_columns_cuts_only_the_requested_fields_but_checks_all() -> None:
+    wanted = {"request_id", "upstream_cluster"}
+    bad_service_time = OUT_LINE.replace(" 0 135 4 4 ", " 0 135 4 x4 ")
+    lines = pa.array([OUT_LINE, bad_service_time, IN_LINE], pa.string())
+    full = parse_text(lines)
+    some = parse_text(lines, columns=wanted)
+    # upstream_service_time is not requested, yet its bad value still rejects the line.
+    assert some.good.tolist() == full.good.tolist() == [True, False, True]
+    assert some.fields.column_names == ["request_id", "upstream_cluster"]  # format order
+    assert some.fields.equals(full.fields.select(["request_id", "upstream_cluster"]))
+
+
+@pytest.mark.parametrize(
+    ("value", "shaped"),
+    [
+        ("2024-01-02T03:04:05.678Z", True),
+        ("2024-01-02T03:04:05Z", True),
+        ("2024-01-02T03:04:05.123456+02:00", True),
+        ("2024-01-02T03:04:05+0200", True),
+        ("2024-01-02 03:04:05.678Z", False),
+        ("2024-01-02T03:04:05.67xZ", False),
+        ("2024-01-0203:04:05.678ZZ", False),
+        ("2024-01-02T03:04:05.678", False),
+    ],
+)
+def test_start_time_shape_check_matches_the_pattern(value: str, shaped: bool) -> None:
+    # Every other line uses Envoy's fixed layout (numpy check), the one under test may not.
+    good = "[2024-01-02T03:04:05.678Z]"
+    lines = [OUT_LINE.replace(OUT_LINE[: len(good)], f"[{value}]"), OUT_LINE]
+    parsed = parse_text(pa.array(lines, pa.string()))
+    assert parsed.good.tolist() == [shaped, True]
+    if shaped:
+        assert parsed.fields.column("start_time").to_pylist()[0] == value
+
+
+def test_many_spaces_in_quoted_fields_do_not_shift_unquoted_ones() -> None:
+    # Quotes and spaces are located together; spaces inside quoted values must not count
+    # as separators of the unquoted pieces around them.
+    ua = "Mozilla/5.0 (X11; Linux x86_64) a b  c   d"
+    line = OUT_LINE.replace('"curl/7.', f'"{ua} curl/7.')
+    parsed = parse_text(pa.array([line, OUT_LINE], pa.string()))
+    assert parsed.good.tolist() == [True, True]
+    first, second = parsed.fields.to_pylist()
+    assert first["user_agent"].startswith(ua + " curl/7.")
+    assert {k: v for k, v in first.items() if k != "user_agent"} == {
+        k: v for k, v in second.items() if k != "user_agent"
+    }

@@ -144,3 +144,15 @@ def test_threaded_writer_error_surfaces_as_input_error(tmp_path: Path) -> None:
         writer._error = OSError("disk full")  # what the writer thread records on failure
         writer.write(batch(1))
     assert list(tmp_path.iterdir()) == [path]  # the old file stays, no temporary left
+
+
+def test_times_and_durations_are_delta_packed_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "flows.parquet"
+    batches = [batch(50), batch(7, offset=50)]
+    write_flows(batches, path)
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {rg.column(i).path_in_schema: rg.column(i).encodings for i in range(rg.num_columns)}
+    assert "DELTA_BINARY_PACKED" in encodings["time"]
+    assert "DELTA_BINARY_PACKED" in encodings["duration_ms"]
+    assert "DELTA_BINARY_PACKED" not in encodings["status"]
+    assert pa.Table.from_batches(list(read_flows(path))).equals(pa.Table.from_batches(batches))

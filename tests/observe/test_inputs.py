@@ -220,3 +220,10 @@ def test_line_chunks_match_a_plain_split_on_awkward_data() -> None:
         firsts = [first for _, first in parts]
         assert firsts == [1 + sum(len(p) for p, _ in parts[:i]) for i in range(len(parts))]
         assert all(len(p) <= kw.get("max_lines", 65536) for p, _ in parts)
+
+
+def test_line_chunks_trim_only_trailing_carriage_returns() -> None:
+    data = b"a\rb\r\nc\r\r\n\r\nd\r"  # CR inside a line stays; CRs ending a line go
+    # The unterminated last line comes as its own chunk.
+    assert chunks(data) == [(["a\rb", "c", ""], 1), (["d"], 4)]
+    assert chunks(b"a\rb\nc\n") == [(["a\rb", "c"], 1)]

@@ -276,3 +276,29 @@ def test_flow_batches_hold_the_same_records_as_to_flows() -> None:
     both = pa.concat_batches([main, legs])
     assert pairs == sorted(zip(both.column("origin").to_pylist(),
                                both.column("direction").to_pylist(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("address", "ip", "port"),
+    [
+        ("10.44.1.23:37652", "10.44.1.23", 37652),
+        ("10.44.1.23:", None, None),
+        ("10.44.1.23", "10.44.1.23", None),
+        ("[fe80::1]:15008", "fe80::1", 15008),
+        ("[fe80::1]", "fe80::1", None),
+        ("envoy://connect_originate/10.0.0.1:8080", "10.0.0.1", 8080),
+        ("envoy://internal_client_address/", None, None),
+        ("10.44.1.23:123456", None, None),  # six digits: not a port, and no IP before it
+        ("10.44.1.23:80:81", None, None),
+        ("10.44.1.23:8a", None, None),
+        ("10.44.1.23:080", "10.44.1.23", 80),
+        (":80", None, None),
+        (None, None, None),
+    ],
+)
+def test_address_ip_and_port(address: str | None, ip: str | None, port: int | None) -> None:
+    # Ephemeral-port shaped column (all distinct) so the numpy path runs, not the dictionary one.
+    col = pa.array([address] + [f"10.9.{i // 250}.{i % 250}:{1000 + i}" for i in range(400)])
+    ips, ports = istio._address(col)
+    assert (ips[0].as_py(), ports[0].as_py()) == (ip, port)
+    assert (ips[399].as_py(), ports[399].as_py()) == ("10.9.1.148", 1398)
