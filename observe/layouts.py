@@ -169,14 +169,48 @@ def strip_kubectl(lines: pa.StringArray) -> tuple[pa.StringArray, pa.Array | Non
     """
     if len(lines) == 0:
         return lines, None
-    maybe = pc.or_(pc.starts_with(lines, "[pod/"), pc.match_substring_regex(lines, r"^\d{4}-"))
-    if not pc.any(maybe).as_py():
+    head = _heads(lines, 5)
+    digits = (head[:, :4] >= 48) & (head[:, :4] <= 57)
+    timestamped = digits.all(axis=1) & (head[:, 4] == 45)  # '2025-...'
+    prefixed = (head == np.frombuffer(b"[pod/", dtype=np.uint8)).all(axis=1)
+    if not (timestamped.any() or prefixed.any()):
         return lines, None
     pods: pa.Array | None = None
     if pc.any(pc.starts_with(lines, "[pod/")).as_py():
         pods = pc.struct_field(pc.extract_regex(lines, _KUBECTL_POD), [0])
     inner = pc.replace_substring_regex(lines, _KUBECTL_STRIP, "", max_replacements=1)
     return inner, pods
+
+
+_JSON_FIRST = np.frombuffer(b"{ \t\r\n\x0b\x0c", dtype=np.uint8)
+_DIGIT_COLUMNS = np.array([1, 2, 3, 4, 6, 7, 9, 10])
+
+
+def _heads(lines: pa.StringArray, width: int) -> np.ndarray:
+    """The first ``width`` bytes of every line as an (n, width) uint8 array (0-padded)."""
+    n = len(lines)
+    bufs = lines.buffers()
+    offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=lines.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
+    if data is None or len(data) == 0:
+        return np.zeros((n, width), dtype=np.uint8)
+    starts = offs[:-1].astype(np.int64)
+    lengths = (offs[1:] - offs[:-1]).astype(np.int64)
+    pos = starts[:, None] + np.arange(width)
+    head = np.take(data, pos, mode="clip")
+    head[np.arange(width) >= lengths[:, None]] = 0
+    if lines.null_count:
+        head[~lines.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return head
+
+
+def _text_shape(head: np.ndarray) -> np.ndarray:
+    """Rows whose first bytes are '[YYYY-MM-DDT' (:data:`ACCESS_TEXT`)."""
+    digits = head[:, _DIGIT_COLUMNS]
+    return (
+        (head[:, 0] == 91) & (head[:, 5] == 45) & (head[:, 8] == 45) & (head[:, 11] == 84)
+        & ((digits >= 48) & (digits <= 57)).all(axis=1)
+    )
 
 
 def classify_lines(
@@ -190,17 +224,21 @@ def classify_lines(
     if len(inner) == 0:
         empty = np.zeros(0, dtype=bool)
         return empty, empty
-    is_json = pc.fill_null(pc.match_substring_regex(inner, ACCESS_JSON), False)
+    head = _heads(inner, 12)
+    # The JSON regex runs only where a line may open an object: '{' or leading whitespace.
+    json_maybe = np.isin(head[:, 0], _JSON_FIRST)
+    is_json = np.zeros(len(inner), dtype=bool)
+    if json_maybe.any():
+        rows = np.flatnonzero(json_maybe)
+        hits = pc.match_substring_regex(inner.take(pa.array(rows)), ACCESS_JSON)
+        is_json[rows] = pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
     if custom_format:
         diag = pc.match_substring_regex(inner, PROXY_DIAG)
         blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(inner)), 0)
-        is_text = pc.invert(pc.or_(pc.or_(diag, blank), is_json))
-    else:
-        is_text = pc.match_substring_regex(inner, ACCESS_TEXT)
-    return (
-        pc.fill_null(is_text, False).to_numpy(zero_copy_only=False),
-        is_json.to_numpy(zero_copy_only=False),
-    )
+        other = pc.fill_null(pc.or_(diag, blank), True).to_numpy(zero_copy_only=False)
+        return ~(other | is_json), is_json
+    # ACCESS_TEXT ('[YYYY-MM-DDT') checked on the first 12 bytes of every line at once.
+    return _text_shape(head), is_json
 
 
 def looks_like_cri(line: str) -> bool:

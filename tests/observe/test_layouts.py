@@ -310,3 +310,34 @@ def test_reporters_for_prefixed_pods() -> None:
     assert got.to_pylist() == ["ns1/a-1", None, "ns1/a-1", None]
     got = layouts.reporters_for_pods(pods, namespace="x", known_pods=set())
     assert got.to_pylist() == ["x/a-1", "x/b-1", "x/a-1", None]
+
+
+def test_byte_level_classification_matches_the_documented_patterns() -> None:
+    """classify_lines/strip_kubectl look at leading bytes; they must agree with the regexes."""
+    import random
+    import re
+
+    from observe.layouts import ACCESS_JSON, ACCESS_TEXT, classify_lines, strip_kubectl
+
+    rng = random.Random(7)
+    seeds = ["[2024-05-14T00:00:00.117Z] \"GET", "[2024-5-14T00", "[2024-05-14 00:00",
+             '{"start_time": "x"}', ' \t{"upstream_cluster": 1}', "\f{\"response_code\": 2}",
+             '{"other": 1}', "2025-01-30T12:10:13Z [2024", "[pod/a/b] x", "[po", "", "{",
+             "2025-01-30T10:00:00.000000Z\tinfo\tFLAG", "[2024-05-14T", "[2024-05-14"]
+    alphabet = "[]{}0123456789-T: \t\"apod/sr_"
+    lines: list[str | None] = list(seeds) + [None]
+    for _ in range(3000):
+        base = rng.choice(seeds)
+        cut = rng.randrange(len(base) + 1)
+        noise = "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+        lines.append(base[:cut] + noise + base[cut:] if rng.random() < 0.5 else base[:cut])
+    arr = pa.array(lines, pa.string())
+    is_text, is_json = classify_lines(arr)
+    for i, line in enumerate(lines):
+        value = line or ""
+        assert is_text[i] == bool(line is not None and re.match(ACCESS_TEXT, value)), line
+        assert is_json[i] == bool(line is not None and re.search(ACCESS_JSON, value)), line
+    inner, _ = strip_kubectl(arr)
+    timestamped = [ln for ln in lines if ln and (re.match(r"^\d{4}-", ln) or
+                                                 ln.startswith("[pod/"))]
+    assert (inner is arr) == (not timestamped)
