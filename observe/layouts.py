@@ -169,11 +169,11 @@ def strip_kubectl(lines: pa.StringArray) -> tuple[pa.StringArray, pa.Array | Non
     """
     if len(lines) == 0:
         return lines, None
-    head = _heads(lines, 5)
+    head, ok = _heads(lines, 5)
     digits = (head[:, :4] >= 48) & (head[:, :4] <= 57)
     timestamped = digits.all(axis=1) & (head[:, 4] == 45)  # '2025-...'
     prefixed = (head == np.frombuffer(b"[pod/", dtype=np.uint8)).all(axis=1)
-    if not (timestamped.any() or prefixed.any()):
+    if not ((timestamped | prefixed) & ok).any():
         return lines, None
     pods: pa.Array | None = None
     if pc.any(pc.starts_with(lines, "[pod/")).as_py():
@@ -186,22 +186,21 @@ _JSON_FIRST = np.frombuffer(b"{ \t\r\n\x0b\x0c", dtype=np.uint8)
 _DIGIT_COLUMNS = np.array([1, 2, 3, 4, 6, 7, 9, 10])
 
 
-def _heads(lines: pa.StringArray, width: int) -> np.ndarray:
-    """The first ``width`` bytes of every line as an (n, width) uint8 array (0-padded)."""
+def _heads(lines: pa.StringArray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``width`` bytes of every line as an (n, width) uint8 array, and a mask of the
+    lines at least ``width`` bytes long (only those rows are meaningful: the bytes of a shorter
+    line run into the next one, which no caller's pattern can match anyway)."""
     n = len(lines)
     bufs = lines.buffers()
     offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=lines.offset * 4)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
-    if data is None or len(data) == 0:
-        return np.zeros((n, width), dtype=np.uint8)
-    starts = offs[:-1].astype(np.int64)
-    lengths = (offs[1:] - offs[:-1]).astype(np.int64)
-    pos = starts[:, None] + np.arange(width)
-    head = np.take(data, pos, mode="clip")
-    head[np.arange(width) >= lengths[:, None]] = 0
+    long_enough = (offs[1:] - offs[:-1]) >= width
     if lines.null_count:
-        head[~lines.is_valid().to_numpy(zero_copy_only=False)] = 0
-    return head
+        long_enough &= lines.is_valid().to_numpy(zero_copy_only=False)
+    if data is None or len(data) == 0:
+        return np.zeros((n, width), dtype=np.uint8), long_enough
+    pos = np.add.outer(offs[:-1], np.arange(width, dtype=np.int32)).astype(np.intp)
+    return np.take(data, pos, mode="clip"), long_enough
 
 
 def _text_shape(head: np.ndarray) -> np.ndarray:
@@ -224,9 +223,11 @@ def classify_lines(
     if len(inner) == 0:
         empty = np.zeros(0, dtype=bool)
         return empty, empty
-    head = _heads(inner, 12)
+    head, ok = _heads(inner, 12)
+    nonempty = pc.fill_null(pc.greater(pc.binary_length(inner), 0), False).to_numpy(
+        zero_copy_only=False)
     # The JSON regex runs only where a line may open an object: '{' or leading whitespace.
-    json_maybe = np.isin(head[:, 0], _JSON_FIRST)
+    json_maybe = np.isin(head[:, 0], _JSON_FIRST) & nonempty
     is_json = np.zeros(len(inner), dtype=bool)
     if json_maybe.any():
         rows = np.flatnonzero(json_maybe)
@@ -238,7 +239,7 @@ def classify_lines(
         other = pc.fill_null(pc.or_(diag, blank), True).to_numpy(zero_copy_only=False)
         return ~(other | is_json), is_json
     # ACCESS_TEXT ('[YYYY-MM-DDT') checked on the first 12 bytes of every line at once.
-    return _text_shape(head), is_json
+    return _text_shape(head) & ok, is_json
 
 
 def looks_like_cri(line: str) -> bool:
