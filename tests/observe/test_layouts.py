@@ -325,7 +325,7 @@ def test_byte_level_classification_matches_the_documented_patterns() -> None:
              '{"other": 1}', "2025-01-30T12:10:13Z [2024", "[pod/a/b] x", "[po", "", "{",
              "2025-01-30T10:00:00.000000Z\tinfo\tFLAG", "[2024-05-14T", "[2024-05-14"]
     alphabet = "[]{}0123456789-T: \t\"apod/sr_"
-    lines: list[str | None] = list(seeds) + [None]
+    lines: list[str | None] = [*seeds, None]
     for _ in range(3000):
         base = rng.choice(seeds)
         cut = rng.randrange(len(base) + 1)
