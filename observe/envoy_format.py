@@ -499,6 +499,45 @@ def _validate(
     return ok
 
 
+@dataclass
+class RawLines:
+    """Lines as byte ranges ``data[starts[i]:ends[i]]`` of one buffer, not copied out.
+
+    ``data`` is valid UTF-8; ranges are in increasing order and don't overlap. The fast parser
+    cuts fields straight out of ``data``; a StringArray is built (:meth:`array`) only for
+    what needs one (lines left to the per-line path, other layouts).
+    """
+
+    data: np.ndarray
+    """uint8 bytes (e.g. a read buffer, which must not change while these are used)."""
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def take(self, idx: np.ndarray) -> RawLines:
+        """The lines at (increasing) positions ``idx``."""
+        return RawLines(self.data, self.starts[idx], self.ends[idx])
+
+    def slice(self, start: int, length: int) -> RawLines:
+        return RawLines(
+            self.data, self.starts[start : start + length], self.ends[start : start + length]
+        )
+
+    def array(self) -> pa.StringArray:
+        """The lines as a compact StringArray (one copy)."""
+        n = len(self.starts)
+        if n == 0:
+            return pa.array([], pa.string())
+        take_even = pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32))
+        return _cut(pa.py_buffer(self.data), self.starts, self.ends, np.ones(n, dtype=bool),
+                    take_even)
+
+    def to_pylist(self) -> list[str | None]:
+        return self.array().to_pylist()
+
+
 _SCRATCH = threading.local()
 _ZERO = np.zeros(1, dtype=np.int64)
 
@@ -525,7 +564,7 @@ def _kept_fields(fmt: EnvoyFormat, wanted: Collection[str] | None) -> list[str]:
 
 
 def _fast_chunk(
-    lines: pa.Array, fmt: EnvoyFormat, kept: Sequence[str] | None = None
+    lines: pa.Array | RawLines, fmt: EnvoyFormat, kept: Sequence[str] | None = None
 ) -> tuple[dict[str, pa.Array], np.ndarray]:
     """Parse one chunk with ``fmt``'s plan; return columns of good rows and the good mask.
 
@@ -536,17 +575,42 @@ def _fast_chunk(
     data buffer with one ``take`` (offsets s0,e0,s1,e1,.. make a zero-copy array whose even
     elements are the field values).
     """
+    n = len(lines)
+    if isinstance(lines, RawLines):
+        if n == 0 or len(lines.data) == 0:
+            return {}, np.zeros(n, dtype=bool)
+        data_buf = pa.py_buffer(lines.data)
+        data = lines.data
+        line_start = lines.starts.astype(np.int64, copy=False)
+        line_end = lines.ends.astype(np.int64, copy=False)
+        valid = None
+    else:
+        bufs = lines.buffers()
+        offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=lines.offset * 4)
+        data_buf = bufs[2]
+        if data_buf is None or n == 0:
+            return {}, np.zeros(n, dtype=bool)
+        data = np.frombuffer(data_buf, dtype=np.uint8)
+        line_start = offs[:-1].astype(np.int64)
+        line_end = offs[1:].astype(np.int64)
+        valid = lines.is_valid().to_numpy(zero_copy_only=False) if lines.null_count else None
+    return _fast_core(data_buf, data, line_start, line_end, valid, fmt, kept)
+
+
+def _fast_core(
+    data_buf: pa.Buffer,
+    data: np.ndarray,
+    line_start: np.ndarray,
+    line_end: np.ndarray,
+    valid: np.ndarray | None,
+    fmt: EnvoyFormat,
+    kept: Sequence[str] | None,
+) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """:func:`_fast_chunk` on lines ``data[line_start[i]:line_end[i]]`` (increasing ranges)."""
     assert fmt.pieces is not None
     pieces = fmt.pieces
-    n = len(lines)
     nq = len(pieces) - 1
-    bufs = lines.buffers()
-    offs = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=lines.offset * 4)
-    data_buf = bufs[2]
-    if data_buf is None or n == 0:
-        return {}, np.zeros(n, dtype=bool)
-    data = np.frombuffer(data_buf, dtype=np.uint8)
-    lo, hi = int(offs[0]), int(offs[-1])
+    lo, hi = int(line_start[0]), int(line_end[-1])
     window = data[lo:hi]
     # '"' (34) and ' ' (32) differ only in bit 1: one pass finds both, sorted together, so a
     # piece's separators are the entries right after its opening quote (no search per piece).
@@ -556,14 +620,21 @@ def _fast_chunk(
     pos = hits + lo if lo else hits  # big arrays: skip the copy when it is a no-op
     is_q = window[hits] == 34
     qj = np.flatnonzero(is_q)  # indices into pos of the quotes
-    line_start = offs[:-1].astype(np.int64)
-    line_end = offs[1:].astype(np.int64)
-    pj = np.searchsorted(pos, offs)  # line i's hits: pj[i] .. pj[i + 1]
-    qi = np.searchsorted(qj, pj)  # line i's quotes: qi[i] .. qi[i + 1]
-    qi0 = qi[:-1]
-    good = np.diff(qi) == nq
-    if lines.null_count:
-        good &= lines.is_valid().to_numpy(zero_copy_only=False)
+    # Line i's hits: pj0[i] .. pj1[i]; its quotes: qi0[i] .. qi1[i]. Hits between lines
+    # (skipped lines) are never counted.
+    pj0 = np.searchsorted(pos, line_start)
+    qi0 = np.searchsorted(qj, pj0)
+    # Mostly only '\r\n' lies between lines: a line's hits end where the next line's begin.
+    pj1 = np.append(pj0[1:], np.searchsorted(pos, hi))
+    qi1 = np.append(qi0[1:], np.searchsorted(qj, pj1[-1]))
+    last = np.take(pos if len(pos) else _ZERO, pj1 - 1, mode="clip")
+    gap = np.flatnonzero((pj1 > pj0) & (last >= line_end))  # hits after the line's end
+    if len(gap):
+        pj1[gap] = np.searchsorted(pos, line_end[gap])
+        qi1[gap] = np.searchsorted(qj, pj1[gap])
+    good = (qi1 - qi0) == nq
+    if valid is not None:
+        good &= valid
     idx = np.flatnonzero(good)
     if not len(idx):
         return {}, good
@@ -571,7 +642,7 @@ def _fast_chunk(
     qjl = np.take(qj, np.arange(nq)[:, None] + qi0[idx]) if nq else np.empty((0, len(idx)), int)
     quotes = np.take(pos, qjl)
     starts0, ends0 = line_start[idx], line_end[idx]
-    first_j, end_j = pj[:-1][idx], pj[1:][idx]
+    first_j, end_j = pj0[idx], pj1[idx]
 
     def at(p: np.ndarray) -> np.ndarray:
         # Positions of rows already failing a check may point outside the data: clip them.
@@ -675,7 +746,7 @@ def _nullify(arr: pa.Array) -> pa.Array:
 
 
 def _fast_parse(
-    lines: pa.Array, fmt: EnvoyFormat, wanted: Collection[str] | None = None
+    lines: pa.Array | RawLines, fmt: EnvoyFormat, wanted: Collection[str] | None = None
 ) -> tuple[pa.Table, np.ndarray]:
     """Vectorized parse of ``lines`` (any length) with ``fmt``: (good rows table, good mask)."""
     tables: list[pa.Table] = []
@@ -788,7 +859,7 @@ def _post_process(table: pa.Table) -> pa.Table:
 
 
 def parse_text(
-    lines: pa.Array,
+    lines: pa.Array | RawLines,
     fmt: EnvoyFormat | None = None,
     *,
     columns: Collection[str] | None = None,
@@ -803,9 +874,9 @@ def parse_text(
     ``start_time`` value (``%START_TIME%`` without a format argument) matched the RFC3339
     pattern (``istio.to_flows(iso_times=True)`` relies on it).
     """
-    if not isinstance(lines, pa.Array):
+    if not isinstance(lines, (pa.Array, RawLines)):
         lines = pa.array(lines, pa.string())
-    if lines.type == pa.large_string():
+    if isinstance(lines, pa.Array) and lines.type == pa.large_string():
         lines = lines.cast(pa.string())
     n = len(lines)
     formats: tuple[EnvoyFormat, ...] = (fmt,) if fmt is not None else KNOWN_FORMATS
@@ -820,7 +891,10 @@ def parse_text(
         if mask.any():
             parts.append((table, remaining[mask], f.name))
             remaining = remaining[~mask]
-            rest = lines.take(pa.array(remaining)) if len(remaining) else rest.slice(0, 0)
+            if isinstance(lines, RawLines):
+                rest = lines.take(remaining)
+            else:
+                rest = lines.take(pa.array(remaining)) if len(remaining) else rest.slice(0, 0)
     errors: list[tuple[int, str]] = []
     if len(remaining):
         leftover: list[str | None] = rest.to_pylist()

@@ -4,10 +4,12 @@ Everything is decided from bytes, never from file names: gzip by its magic (``1f
 name), Parquet flows by ``PAR1``, inventories by ``apiVersion``/``kind`` in a JSON or YAML
 head, access logs by the shape of their first lines (see :mod:`observe.layouts`).
 
-Files are read in chunks of whole lines (:func:`iter_line_chunks`, at most 64k lines and
-~24 MiB each) that become one ``pyarrow`` string array, so memory is bounded by the chunk
-size, not the file. Lines are cut with numpy on the raw bytes (no decode/split copies); only a
-chunk that is not valid UTF-8 is decoded, with U+FFFD for the bad bytes.
+Files are read in chunks of whole lines (:func:`iter_chunks`, at most 64k lines and ~24 MiB
+each), so memory is bounded by the chunks in flight, not the file. A chunk is its read buffer
+plus each line's byte range (:class:`observe.envoy_format.RawLines`: no decode/split copies;
+plain text logs are parsed straight from it); :func:`iter_line_chunks` copies the lines into
+one ``pyarrow`` string array for the other layouts. Only a chunk that is not valid UTF-8 is
+decoded, with U+FFFD for the bad bytes.
 
 Dedupe (:class:`Deduper`): a dump often holds the same proxy output twice (the ``kubectl
 logs`` file and the CRI node file of one pod, a shipper export beside them). A request is
@@ -39,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe import layouts
+from observe.envoy_format import RawLines
 from observe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -314,8 +317,9 @@ def _raise_walk(exc: OSError) -> None:
     raise InputError(f"cannot read directory: {exc.strerror or exc}", origin=exc.filename) from exc
 
 
-def _cut_lines(buf: np.ndarray, ends: np.ndarray) -> pa.StringArray:
-    """The lines of ``buf`` (no final newline) ending at ``ends`` (the last is len(buf))."""
+def _raw_lines(buf: np.ndarray, ends: np.ndarray) -> RawLines:
+    """The lines of ``buf`` (no final newline) ending at ``ends`` (the last is len(buf)),
+    as byte ranges without their '\n' and trailing '\r's; ``buf`` is not copied."""
     if len(buf) and int(buf.max()) >= 0x80:
         raw = buf.tobytes()
         try:
@@ -325,43 +329,69 @@ def _cut_lines(buf: np.ndarray, ends: np.ndarray) -> pa.StringArray:
             raw = raw.decode("utf-8", errors="replace").encode("utf-8")
             buf = np.frombuffer(raw, dtype=np.uint8)
             ends = np.append(np.flatnonzero(buf == 10), len(buf))
-    n = len(ends)
-    # Offsets s0,e0,s1,e1,..: the odd elements are the newlines; taking the even ones copies
-    # the lines out of the (reused) read buffer without their separators, in one pass.
-    offsets = np.empty(2 * n, dtype=np.int32)
-    offsets[0] = 0
-    offsets[1::2] = ends
-    offsets[2::2] = ends[:-1] + 1
-    both = pa.StringArray.from_buffers(2 * n - 1, pa.py_buffer(offsets), pa.py_buffer(buf))
-    lines = pc.take(both, pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32)))
-    # Only a trailing '\r' is trimmed: look at each line's last byte, not the whole buffer.
-    last = np.maximum(ends - 1, 0)
-    if len(buf) and ((ends > offsets[0::2]) & (buf[last] == 13)).any():
-        lines = pc.utf8_rtrim(lines, characters="\r")
-    return lines
+    ends = ends.astype(np.int64)  # a copy: trimmed below
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    if len(buf):
+        # Every trailing '\r' goes (as utf8_rtrim did); only each line's last bytes are read.
+        cr = np.flatnonzero((ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13))
+        while len(cr):
+            ends[cr] -= 1
+            cr = cr[(ends[cr] > starts[cr]) & (buf[np.maximum(ends[cr] - 1, 0)] == 13)]
+    return RawLines(buf, starts, ends)
 
 
-def iter_line_chunks(
+def _cut_lines(buf: np.ndarray, ends: np.ndarray) -> pa.StringArray:
+    """The lines of ``buf`` as a StringArray (see :func:`_raw_lines`)."""
+    return _raw_lines(buf, ends).array()
+
+
+class _BufferPool:
+    """Read buffers, recycled once nothing references them any more.
+
+    A chunk's lines stay in its read buffer while a worker parses them, so a buffer is
+    reused only when its reference count says no chunk (or array view) holds it; at most
+    ``keep`` are pooled (fresh big allocations cost page faults each time).
+    """
+
+    def __init__(self, size: int, keep: int = 8):
+        self.size = size
+        self.keep = keep
+        self._bufs: list[np.ndarray] = []
+
+    def get(self) -> np.ndarray:
+        for i in range(len(self._bufs)):
+            # References: the list, and getrefcount's argument.
+            if sys.getrefcount(self._bufs[i]) <= 2:
+                return self._bufs[i]
+        buf = np.empty(self.size, dtype=np.uint8)
+        if len(self._bufs) < self.keep:
+            self._bufs.append(buf)
+        return buf
+
+
+def iter_chunks(
     stream: BinaryIO, *, chunk_bytes: int = CHUNK_BYTES, max_lines: int = 65536
-) -> Iterator[tuple[pa.StringArray, int]]:
+) -> Iterator[tuple[RawLines, int]]:
     """``(lines, number of the first line)`` for chunks of whole lines of ``stream``.
 
     Line numbers are 1-based. The final line needs no newline. A chunk holds at most
     ``max_lines`` lines and about ``chunk_bytes`` bytes (more only for one longer line).
+    Each chunk's lines stay in their own read buffer (no copy), which is not reused while
+    the chunk (or anything viewing its buffer) is alive.
     """
     read_size = max(1, min(chunk_bytes, READ_BYTES))
-    # One buffer reused for the whole stream: fresh big allocations cost page faults.
-    buf = np.empty(max(chunk_bytes, read_size) + read_size, dtype=np.uint8)
-    view = buf.data
+    pool = _BufferPool(max(chunk_bytes, read_size) + read_size)
+    buf = pool.get()
     newline_mask = np.empty(read_size, dtype=bool)
     ends: list[np.ndarray] = []  # newline positions in buf, per read
     size = count = 0
     lineno = 1
     while True:
         if len(buf) - size < read_size:  # one line longer than the buffer: grow it
-            buf = np.concatenate([buf, np.empty(len(buf), dtype=np.uint8)])
-            view = buf.data
-        got = stream.readinto(view[size : size + read_size]) or 0  # type: ignore[attr-defined]
+            buf = np.concatenate([buf[:size], np.empty(len(buf), dtype=np.uint8)])
+        got = stream.readinto(buf.data[size : size + read_size]) or 0  # type: ignore[attr-defined]
         if got:
             # Into a reused mask: a fresh read-sized temporary costs page faults each time.
             mask = np.equal(buf[size : size + got], 10, out=newline_mask[:got])
@@ -373,17 +403,31 @@ def iter_line_chunks(
             nls = np.concatenate(ends) if len(ends) > 1 else ends[0]
             take = min(count, max_lines)
             end = int(nls[take - 1])
-            yield _cut_lines(buf[:end], nls[:take]), lineno
-            lineno += take
+            chunk = _raw_lines(buf[:end], nls[:take])
             count -= take
             rest = size - (end + 1)
-            buf[:rest] = buf[end + 1 : size]
+            # The partial line after the chunk moves to a free buffer; this one stays the
+            # chunk's until it is parsed.
+            nxt = pool.get() if len(buf) == pool.size else np.empty(len(buf), dtype=np.uint8)
+            nxt[:rest] = buf[end + 1 : size]
+            buf = nxt
             ends = [nls[take:] - (end + 1)]
             size = rest
+            yield chunk, lineno
+            lineno += take
+            del chunk
         if not got:
             break
     if size:
-        yield _cut_lines(buf[:size], np.array([size], dtype=np.int64)), lineno
+        yield _raw_lines(buf[:size], np.array([size], dtype=np.int64)), lineno
+
+
+def iter_line_chunks(
+    stream: BinaryIO, *, chunk_bytes: int = CHUNK_BYTES, max_lines: int = 65536
+) -> Iterator[tuple[pa.StringArray, int]]:
+    """:func:`iter_chunks` with each chunk's lines copied into a StringArray."""
+    for lines, first in iter_chunks(stream, chunk_bytes=chunk_bytes, max_lines=max_lines):
+        yield lines.array(), first
 
 
 def hash_lines(pods: pa.Array | str | None, lines: pa.StringArray) -> np.ndarray:

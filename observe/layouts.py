@@ -23,7 +23,7 @@ Users hand meshwright whatever their cluster tooling wrote. This module knows th
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -240,6 +240,82 @@ def classify_lines(
         return ~(other | is_json), is_json
     # ACCESS_TEXT ('[YYYY-MM-DDT') checked on the first 12 bytes of every line at once.
     return _text_shape(head) & ok, is_json
+
+
+def _swar(fixed: dict[int, int], digits: Sequence[int]) -> tuple[int, int, int, int, int]:
+    """Constants testing bytes of a little-endian word at once: ``(fixed mask, fixed value,
+    digit mask 0xF0.., digit mask 0x0F.., digit bytes)`` (see :func:`_word_match`)."""
+    fm = fv = hi = lo = one = 0
+    for k, c in fixed.items():
+        fm |= 0xFF << (8 * k)
+        fv |= c << (8 * k)
+    for k in digits:
+        hi |= 0xF0 << (8 * k)
+        lo |= 0x0F << (8 * k)
+        one |= 0x01 << (8 * k)
+    return fm, fv, hi, lo, one
+
+
+def _word_match(w: np.ndarray, spec: tuple[int, int, int, int, int]) -> np.ndarray:
+    fm, fv, hi, lo, one = (np.asarray(v, dtype=w.dtype) for v in spec)
+    ok = (w & fm) == fv
+    if hi:
+        # A digit is 0x3N with N <= 9: N + 6 stays below 0x10 (no carry between bytes).
+        ok &= (w & hi) == (hi & (one * 0x30))
+        ok &= ((w & lo) + one * 6) & (one * 0x10) == 0
+    return ok
+
+
+# '[YYYY-MM-DDT' (ACCESS_TEXT) as bytes 0-7 and 8-11; kubectl '2025-' and '[pod/' heads.
+_TEXT_8 = _swar({0: 91, 5: 45}, (1, 2, 3, 4, 6, 7))
+_TEXT_4 = _swar({0: 45, 3: 84}, (1, 2))
+_STAMP_8 = _swar({4: 45}, (0, 1, 2, 3))
+_POD_8 = _swar(dict(enumerate(b"[pod/")), ())
+
+
+def _head_words(data: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes 0-7 and 8-11 after each start as little-endian ints (zero past ``data``'s end)."""
+    n = len(data)
+    w8 = np.empty(len(starts), dtype=np.uint64)
+    w4 = np.empty(len(starts), dtype=np.uint32)
+    cut = int(np.searchsorted(starts, n - 12, side="right")) if n >= 12 else 0
+    if cut:
+        # Unaligned words at every byte offset: one gather per word instead of per byte.
+        at8 = np.ndarray((n - 7,), dtype="<u8", buffer=data, strides=(1,))
+        at4 = np.ndarray((n - 3,), dtype="<u4", buffer=data, strides=(1,))
+        head = starts[:cut]
+        w8[:cut] = at8[head]
+        w4[:cut] = at4[head + 8]
+    if cut < len(starts):  # the last few starts: read from a zero-padded copy of the end
+        base = max(n - 12, 0)
+        tail = np.zeros(32, dtype=np.uint8)
+        tail[: n - base] = data[base:]
+        rel = starts[cut:] - base
+        w8[cut:] = np.ndarray((25,), dtype="<u8", buffer=tail, strides=(1,))[rel]
+        w4[cut:] = np.ndarray((29,), dtype="<u4", buffer=tail, strides=(1,))[rel + 8]
+    return w8, w4
+
+
+def classify_raw(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """:func:`classify_lines`' text mask for plain lines given as byte ranges of ``data``
+    (``starts`` increasing, ``data`` contiguous).
+
+    None when the lines need the StringArray path: some carry a ``kubectl logs`` prefix or
+    timestamp (see :func:`strip_kubectl`), or may be JSON.
+    """
+    n = len(starts)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    lens = ends - starts
+    w8, w4 = _head_words(data, starts)
+    # Bytes past a short line's end are masked out by the length checks.
+    kubectl = _word_match(w8, _STAMP_8) | _word_match(w8, _POD_8)
+    if (kubectl & (lens >= 5)).any():
+        return None
+    first = (w8 & np.uint64(0xFF)).astype(np.uint8)
+    if (np.isin(first, _JSON_FIRST) & (lens > 0)).any():
+        return None
+    return _word_match(w8, _TEXT_8) & _word_match(w4, _TEXT_4) & (lens >= 12)
 
 
 def looks_like_cri(line: str) -> bool:

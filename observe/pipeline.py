@@ -46,7 +46,7 @@ from observe.inputs import (
     detect,
     display,
     hash_lines,
-    iter_line_chunks,
+    iter_chunks,
     open_input,
     truncated,
 )
@@ -172,7 +172,7 @@ class _Result:
 class _Job:
     """Parse + map of one chunk's access lines: pure, so it runs on a worker thread."""
 
-    lines: pa.StringArray
+    lines: pa.StringArray | envoy_format.RawLines
     linenos: np.ndarray
     name: str
     reporters: pa.Array | None
@@ -182,6 +182,7 @@ class _Job:
 
     def run(self) -> _Result:
         if self.source == SOURCE_JSON:
+            assert isinstance(self.lines, pa.Array)
             parsed = envoy_format.parse_json(self.lines)
         else:
             parsed = envoy_format.parse_text(
@@ -257,13 +258,19 @@ class _Reader:
         joiner = layouts.CriJoiner()
         read_lines = 0
         with open_input(path) as (stream, counter):
-            chunks = iter_line_chunks(stream, max_lines=self.options.batch_lines)
+            chunks = iter_chunks(stream, max_lines=self.options.batch_lines)
             try:
-                for lines, first in chunks:
-                    read_lines = first + len(lines) - 1
-                    self.stats.lines += len(lines)
+                for raw, first in chunks:
+                    read_lines = first + len(raw) - 1
+                    self.stats.lines += len(raw)
                     if layout is None:
-                        layout = _layout(lines)
+                        layout = _layout(raw.slice(0, 256).array())
+                    if layout == TEXT:
+                        linenos = np.arange(first, first + len(raw), dtype=np.int64)
+                        yield from self.process(raw, linenos, name, ref, None, kubectl=True)
+                        self.progress(counter.count)
+                        continue
+                    lines = raw.array()
                     if layout == CRI:
                         inner, linenos = joiner.feed(lines, first)
                         for no in joiner.malformed:
@@ -299,7 +306,7 @@ class _Reader:
 
     def process(
         self,
-        lines: pa.StringArray,
+        lines: pa.StringArray | envoy_format.RawLines,
         linenos: np.ndarray,
         name: str,
         ref: layouts.PodRef,
@@ -310,6 +317,16 @@ class _Reader:
         """Classify, dedupe, parse and map one chunk of (unwrapped) lines."""
         if len(lines) == 0:
             return
+        if isinstance(lines, envoy_format.RawLines):
+            # Plain Istio text (the common case) is parsed straight from the read buffer;
+            # anything else (prefixes, JSON, dedupe, a custom format) takes the string path.
+            is_text = None
+            if kubectl and self.fmt is None and self.dedupe is None:
+                is_text = layouts.classify_raw(lines.data, lines.starts, lines.ends)
+            if is_text is not None:
+                yield from self.process_raw(lines, is_text, linenos, name, ref)
+                return
+            lines = lines.array()
         pods: pa.Array | str | None = ref.pod
         reporters: pa.Array | None = per_row[1] if per_row else None
         if per_row is not None:
@@ -355,6 +372,33 @@ class _Reader:
                 fmt=self.fmt,
             )
             yield from self.submit(job)
+
+    def process_raw(
+        self,
+        lines: envoy_format.RawLines,
+        is_text: np.ndarray,
+        linenos: np.ndarray,
+        name: str,
+        ref: layouts.PodRef,
+    ) -> Iterator[pa.RecordBatch]:
+        """:meth:`process` for plain text lines without prefixes, JSON or dedupe."""
+        n_text = int(is_text.sum())
+        self.stats.ignored_lines += len(is_text) - n_text
+        if not n_text:
+            return
+        if n_text < len(is_text):
+            idx = np.flatnonzero(is_text)
+            lines, linenos = lines.take(idx), linenos[idx]
+        job = _Job(
+            lines=lines,
+            linenos=linenos,
+            name=name,
+            reporters=None,
+            reporter=ref.reporter,
+            source=self.text_source,
+            fmt=self.fmt,
+        )
+        yield from self.submit(job)
 
     def submit(self, job: _Job) -> Iterator[pa.RecordBatch]:
         """Queue ``job`` on the workers; yield finished results, oldest first (deterministic)."""

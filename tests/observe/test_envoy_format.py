@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
@@ -13,6 +14,8 @@ from observe.envoy_format import (
     CHUNK,
     ISTIO_FIELDS,
     ISTIO_TEXT_FORMAT,
+    ParsedLines,
+    RawLines,
     compile_format,
     compile_json_format,
     format_from_docs,
@@ -35,6 +38,7 @@ def read_lines(name: str) -> list[str]:
 
 SLEEP = read_lines("istio-docs-access-log-sleep-httpbin.log")
 OUT_LINE, IN_LINE = SLEEP
+LEGACY_LINE = read_lines("istio-docs-egress-control-2019-legacy-format.log")[0]
 
 
 def rows(parsed_fields: pa.Table) -> list[dict[str, str | None]]:
@@ -358,3 +362,62 @@ def test_many_spaces_in_quoted_fields_do_not_shift_unquoted_ones() -> None:
     assert {k: v for k, v in first.items() if k != "user_agent"} == {
         k: v for k, v in second.items() if k != "user_agent"
     }
+
+
+# ------------------------------------------------------------------ raw read-buffer path
+
+
+def raw_lines(text: bytes) -> RawLines:
+    """Lines of ``text`` as byte ranges (newline and trailing '\\r' excluded), no copy."""
+    data = np.frombuffer(text, dtype=np.uint8)
+    nl = np.flatnonzero(data == 10)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [len(data)]]).astype(np.int64)
+    cr = (ends > starts) & (data[np.maximum(ends - 1, 0)] == 13)
+    return RawLines(data, starts, ends - cr)
+
+
+def same_parse(a: ParsedLines, b: ParsedLines) -> None:
+    assert a.fields.equals(b.fields)
+    assert a.good.tolist() == b.good.tolist()
+    assert a.errors == b.errors
+    assert a.variants is not None and b.variants is not None
+    assert a.variants.equals(b.variants)
+
+
+def test_raw_lines_parse_like_a_string_array() -> None:
+    truncated = OUT_LINE[: OUT_LINE.index("curl/7") + 4]
+    # CRLF, blank lines, malformed lines first and last, a legacy-variant line (second pass),
+    # and a final line without newline.
+    text = "\r\n".join([truncated, OUT_LINE, "", IN_LINE, "garbage", LEGACY_LINE]) + "\n\n"
+    text += "\n".join([IN_LINE, truncated])
+    raw = raw_lines(text.encode())
+    arr = raw.array()
+    assert arr.to_pylist() == [ln.rstrip("\r") for ln in text.split("\n")]
+    got = parse_text(raw, columns={"request_id", "start_time", "path"})
+    same_parse(got, parse_text(arr, columns={"request_id", "start_time", "path"}))
+    assert got.good.tolist() == [False, True, False, True, False, True, False, True, False]
+    assert dict(got.errors)[0] == "unbalanced double quotes (truncated line?)"
+    # A subset of the lines (skipped ones lie between): the gaps hold spaces and quotes.
+    idx = np.array([1, 2, 5, 8])
+    same_parse(parse_text(raw.take(idx)), parse_text(arr.take(pa.array(idx))))
+    same_parse(parse_text(raw.slice(3, 4)), parse_text(arr.slice(3, 4)))
+
+
+def test_raw_lines_exact_across_parser_chunks() -> None:
+    n = CHUNK + 700
+    lines = [
+        (OUT_LINE if i % 2 else IN_LINE).replace(
+            "84961386-6d84-929d-98bd-c5aee93b5c88", f"rid-{i}")
+        for i in range(n)
+    ]
+    bad = {0, CHUNK - 1, CHUNK, n - 1}
+    for i in bad:
+        lines[i] = lines[i][: 50 + i % 30]
+    raw = raw_lines("\n".join(lines).encode())
+    parsed = parse_text(raw, columns={"request_id"})
+    assert {i for i, _ in parsed.errors} == bad
+    assert parsed.fields.column("request_id").to_pylist() == [
+        f"rid-{i}" for i in range(n) if i not in bad
+    ]
+    same_parse(parsed, parse_text(raw.array(), columns={"request_id"}))

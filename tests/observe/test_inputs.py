@@ -227,3 +227,30 @@ def test_line_chunks_trim_only_trailing_carriage_returns() -> None:
     # The unterminated last line comes as its own chunk.
     assert chunks(data) == [(["a\rb", "c", ""], 1), (["d"], 4)]
     assert chunks(b"a\rb\nc\n") == [(["a\rb", "c"], 1)]
+
+
+def test_raw_chunks_match_string_chunks_and_keep_their_buffers() -> None:
+    data = b"one\r\ntwo\r\r\n\n" + b"x" * 50 + b"\nfour\r\nfive\r"  # no final newline
+    for kw in ({}, {"chunk_bytes": 7}, {"max_lines": 2}, {"chunk_bytes": 1, "max_lines": 1}):
+        held = list(inputs.iter_chunks(io.BytesIO(data), **kw))
+        # Every chunk is still intact after the whole stream was read: buffers of live
+        # chunks are never reused.
+        assert [(raw.array().to_pylist(), first) for raw, first in held] == chunks(data, **kw)
+        assert [line for raw, _ in held for line in raw.array().to_pylist()] == [
+            "one", "two", "", "x" * 50, "four", "five"
+        ]
+
+
+def test_raw_chunk_buffers_are_recycled_once_released() -> None:
+    data = b"".join(b"line %d\n" % i for i in range(2000))
+    buffers = set()
+    for raw, _ in inputs.iter_chunks(io.BytesIO(data), chunk_bytes=1024):
+        base = raw.data.base if raw.data.base is not None else raw.data
+        buffers.add(id(base))
+    assert len(buffers) <= 3  # ~14 chunks, read through a couple of pooled buffers
+
+
+def test_raw_chunk_of_invalid_utf8_is_replaced() -> None:
+    ((raw, first),) = list(inputs.iter_chunks(io.BytesIO(b"ok\nbad \xff\xfe end\r\n")))
+    assert first == 1
+    assert raw.array().to_pylist() == ["ok", "bad \ufffd\ufffd end"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -341,3 +342,43 @@ def test_byte_level_classification_matches_the_documented_patterns() -> None:
     timestamped = [ln for ln in lines if ln and (re.match(r"^\d{4}-", ln) or
                                                  ln.startswith("[pod/"))]
     assert (inner is arr) == (not timestamped)
+
+
+def raw(lines: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    text = "\n".join(lines).encode()
+    data = np.frombuffer(text, dtype=np.uint8)
+    nl = np.flatnonzero(data == 10)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [len(data)]]).astype(np.int64)
+    return data, starts, ends
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['[2020-11-25T21:26:18.409Z] "GET / HTTP/1.1" 200', "", "[2020-11-25T", "[2020-11-25"],
+        ["[2020-11-25 21:20:01.123][15][warning][main] x", "[2020-1a-25T21:26", "[202"],
+        ["plain", "x", "[2020-11-25T21:26:18Z] tail", "[9999-99-99T"],
+        ["[2020-11-25T"],  # shorter than a word: read from the zero-padded end
+        [""],
+    ],
+)
+def test_classify_raw_matches_classify_lines(lines: list[str]) -> None:
+    data, starts, ends = raw(lines)
+    arr = pa.array(lines, pa.string())
+    inner, pods = layouts.strip_kubectl(arr)
+    assert pods is None and inner is arr
+    text, js = layouts.classify_lines(arr)
+    assert not js.any()
+    got = layouts.classify_raw(data, starts, ends)
+    assert got is not None and got.tolist() == text.tolist()
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["2020-11-25T21:26:18.409123456Z [2020-11-25T21:26:18.409Z] x", "[pod/a/istio-proxy] x",
+     '{"start_time": "x"}', "  indented"],
+)
+def test_classify_raw_leaves_prefixed_and_json_lines_to_the_string_path(other: str) -> None:
+    data, starts, ends = raw(['[2020-11-25T21:26:18.409Z] "GET / HTTP/1.1" 200', other])
+    assert layouts.classify_raw(data, starts, ends) is None

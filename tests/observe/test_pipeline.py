@@ -394,3 +394,32 @@ def test_worker_threads_give_the_same_batches_and_stats(tmp_path: Path) -> None:
     assert s1.to_dict() == s2.to_dict()
     assert len(serial) == len(threaded)
     assert all(a.equals(b) for a, b in zip(serial, threaded, strict=True))
+
+
+def test_plain_text_read_buffer_path_equals_string_path(tmp_path: Path) -> None:
+    bad = '[2020-11-25T21:26:18.409Z] "GET /status/418 HTTP/1.1" cut'
+    lines: list[str] = []
+    for i in range(7):  # distinct requests: the string path below dedupes equal lines
+        lines += [bad.replace("418", f"41{i}"), CLIENT.replace(".", f".{i}", 1), "", STARTUP[2],
+                  SERVER.replace(".", f".{i}", 1)]
+    lines += [LEGACY[0], SERVER, bad]
+    text = "\r\n".join(lines[:20]) + "\n" + "\n".join(lines[20:])  # CRLF, LF, no final LF
+    path = tmp_path / "foo" / "sleep-1.log"
+    path.parent.mkdir()
+    path.write_bytes(text.encode())
+    # A second log file turns on dedupe, which takes the StringArray path for every chunk.
+    other = write(tmp_path / "bar" / "other.log", [STARTUP[0]])
+    for batch_lines in (3, 4, 65536):  # malformed lines at chunk edges
+        fast, fast_stats = run([str(path)], batch_lines=batch_lines)
+        slow, slow_stats = run([str(path), str(other)], batch_lines=batch_lines)
+        assert fast.equals(slow)
+        assert fast_stats.records == fast.num_rows == 16
+        assert fast_stats.duplicates == slow_stats.duplicates == 0
+        assert fast_stats.malformed == slow_stats.malformed == 8
+        assert fast_stats.malformed_samples == slow_stats.malformed_samples
+        assert [s.split(": ")[0] for s in fast_stats.malformed_samples[:3]] == [
+            f"{path}:1", f"{path}:6", f"{path}:11"
+        ]
+        assert fast_stats.malformed_samples[-1].startswith(f"{path}:38: ")
+        assert fast_stats.ignored_lines == 14 and slow_stats.ignored_lines == 15
+        assert fast_stats.lines == len(lines) == 38
