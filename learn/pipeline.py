@@ -8,6 +8,7 @@ graph, optionally writing the resolved flows out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,17 @@ class Learned:
 
 
 def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "cluster.local",
-                resolved_out: Path | None = None) -> Learned:
-    """The graph learned from ``flows``; with ``resolved_out``, the resolved flows too."""
+                resolved_out: Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Learned:
+    """The graph learned from ``flows``; with ``resolved_out``, the resolved flows too.
+
+    ``progress(records done, records total)`` is called after each batch of the second pass.
+    """
     resolver = IdentityResolver(inventory, trust_domain=trust_domain)
     inbound_reporters: set[str] = set()
+    total = 0
     for batch in read_flows(flows, columns=_LEASE_COLUMNS):
+        total += batch.num_rows
         resolver.learn_leases(batch)
         inbound = batch.filter(pc.fill_null(pc.equal(batch["direction"], "inbound"), False))
         inbound_reporters.update(r for r in pc.unique(inbound["reporter"]).to_pylist() if r)
@@ -57,6 +64,8 @@ def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "clust
             builder.add(resolved)
             if writer is not None:
                 writer.write(resolved)
+            if progress is not None:
+                progress(builder.records_seen, total)
     graph = builder.build(
         resolver.node,
         idle=[n.id for n in resolver.workloads()],

@@ -23,8 +23,9 @@ EXIT_NO_FLOWS = 4
 class Progress:
     """A one-line progress meter on stderr, only when it is a terminal (or forced)."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
+    def __init__(self, label: str, enabled: bool, unit: str = "MiB") -> None:
         self.label = label
+        self.unit = unit
         self.enabled = enabled and sys.stderr.isatty()
         self._last = 0.0
 
@@ -36,7 +37,8 @@ class Progress:
             return
         self._last = now
         pct = f"{100 * done / total:5.1f}%" if total else ""
-        print(f"\r{self.label}: {done / 2**20:,.0f} MiB {pct}", end="", file=sys.stderr)
+        amount = done / 2**20 if self.unit == "MiB" else done
+        print(f"\r{self.label}: {amount:,.0f} {self.unit} {pct}", end="", file=sys.stderr)
 
     def close(self) -> None:
         if self.enabled:
@@ -131,8 +133,12 @@ def analyze(args: argparse.Namespace) -> int:
         if stats.records == 0:
             _say(args, "meshwright: no flow records found in the inputs; nothing to learn")
             return EXIT_NO_FLOWS
-        learned = learn_graph(raw, inventory, trust_domain=args.trust_domain,
-                              resolved_out=out / "flows.parquet")
+        meter = Progress("learning", not args.no_progress, unit="records")
+        try:
+            learned = learn_graph(raw, inventory, trust_domain=args.trust_domain,
+                                  resolved_out=out / "flows.parquet", progress=meter)
+        finally:
+            meter.close()
     finally:
         if raw.exists():
             os.unlink(raw)

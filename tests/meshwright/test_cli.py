@@ -175,3 +175,30 @@ def test_unwritable_output_is_an_error_not_a_crash() -> None:
     result = _run("analyze", str(SAMPLE), "-o", "/proc/meshwright-out")
     assert result.returncode == EXIT_INPUT
     assert "/proc/meshwright-out" in result.stderr and "internal error" not in result.stderr
+
+
+def test_progress_is_shown_on_a_terminal_only(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshwright", "analyze", str(SAMPLE), "-o", str(tmp_path / "o")],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
+        check=False, timeout=300,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.returncode == EXIT_OK
+    assert b"\rreading:" in seen and b"\rlearning:" in seen and b"records" in seen
+    piped = _run("analyze", str(SAMPLE), "-o", str(tmp_path / "p"))
+    assert "\r" not in piped.stderr
