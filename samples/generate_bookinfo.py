@@ -38,6 +38,7 @@ from samples.envoy_lines import (
     outbound_cluster,
     outbound_entry,
     passthrough_entry,
+    render_json,
     render_text,
     service_fqdn,
 )
@@ -595,7 +596,8 @@ def build_inventory(seed: int) -> dict[str, object]:
 class Traffic:
     """Builds every proxy's lines; one seeded RNG drives all choices, in a fixed order."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, encoding: str = "text") -> None:
+        self.render = render_json if encoding == "json" else render_text
         self.rng = random.Random(seed)
         self.pods = {p.name: p for p in _pods()}
         self.svc = {s.name: s for s in SERVICES}
@@ -631,7 +633,7 @@ class Traffic:
 
     def emit(self, pod: Pod, entry: AccessEntry, count: str) -> None:
         done = entry.start + timedelta(milliseconds=entry.duration)
-        self.add(pod, done, render_text(entry))
+        self.add(pod, done, self.render(entry))
         self.counts[count] = self.counts.get(count, 0) + 1
 
     def add(self, pod: Pod, at: datetime, line: str) -> None:
@@ -991,15 +993,19 @@ class Summary:
     counts: dict[str, int]
 
 
-def generate(out_dir: Path, seed: int = DEFAULT_SEED) -> Summary:
-    """Write the sample into ``out_dir`` (created); return what was written."""
+def generate(out_dir: Path, seed: int = DEFAULT_SEED, encoding: str = "text") -> Summary:
+    """Write the sample into ``out_dir`` (created); return what was written.
+
+    ``encoding`` "json" writes the access lines in Istio's JSON encoding
+    (``meshConfig.accessLogEncoding: JSON``) instead of the default TEXT format.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     inv = build_inventory(seed)
     (out_dir / "inventory.json").write_text(json.dumps(inv, indent=4, sort_keys=True) + "\n",
                                             encoding="utf-8")
     written.append("inventory.json")
-    traffic = Traffic(seed)
+    traffic = Traffic(seed, encoding)
     traffic.run()
     traffic.agent_lines()
     for rel, body in traffic.files():
@@ -1017,8 +1023,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=Path(__file__).with_name("bookinfo"))
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--encoding", choices=["text", "json"], default="text",
+                    help="access-log encoding (meshConfig.accessLogEncoding)")
     args = ap.parse_args(argv)
-    summary = generate(args.output, args.seed)
+    summary = generate(args.output, args.seed, args.encoding)
     for name, n in summary.counts.items():
         print(f"{n:6d}  {name}")
     print(f"wrote {len(summary.files)} files to {args.output}")

@@ -265,3 +265,18 @@ def test_same_dump_in_two_layouts_counts_each_request_once(out: Path, tmp_path: 
                 for e in graph["edges"]}
     assert edges(again) == edges(out)
     assert "duplicates dropped | 2787" in (again / "report.md").read_text("utf-8")
+
+
+def test_json_encoded_logs_give_the_same_policies(out: Path, tmp_path: Path) -> None:
+    """The same traffic logged with meshConfig.accessLogEncoding: JSON."""
+    from samples import generate_bookinfo
+
+    dump = tmp_path / "json-dump"
+    generate_bookinfo.generate(dump, encoding="json")
+    first = next((dump / "logs").rglob("istio-proxy.log")).read_text("utf-8")
+    assert any(line.startswith('{"authority"') for line in first.splitlines())
+    again = tmp_path / "again"
+    assert main(["analyze", str(dump), "-o", str(again), "-q"]) == 0
+    assert _policies_text(again) == _policies_text(out)
+    report = (again / "report.md").read_text("utf-8")
+    assert "| istio-json | 3421 |" in report
