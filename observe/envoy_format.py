@@ -531,7 +531,7 @@ class RawLines:
         if n == 0:
             return pa.array([], pa.string())
         take_even = pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32))
-        return _cut(pa.py_buffer(self.data), self.starts, self.ends, np.ones(n, dtype=bool),
+        return cut_strings(pa.py_buffer(self.data), self.starts, self.ends, np.ones(n, dtype=bool),
                     take_even)
 
     def to_pylist(self) -> list[str | None]:
@@ -699,7 +699,7 @@ def _fast_core(
         one = np.flatnonzero(dash)
         if len(one):  # only one-byte values can be '-': gather just those
             dash[one] = data[s_[one]] == 45
-        cols[name] = _cut(data_buf, s_, e_, ~dash, take_even)
+        cols[name] = cut_strings(data_buf, s_, e_, ~dash, take_even)
     valid = _validate(fmt, cols, set())
     if valid is not None:
         names = list(cols)
@@ -708,8 +708,9 @@ def _fast_core(
     return cols, good
 
 
-def _cut(
-    data: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray, take_even: pa.Array
+def cut_strings(
+    data: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray,
+    take_even: pa.Array | None = None,
 ) -> pa.Array:
     """Strings data[starts[i]:ends[i]] (null where not valid) as a compact StringArray."""
     m = len(starts)
@@ -725,6 +726,8 @@ def _cut(
     inter = pa.StringArray.from_buffers(
         2 * m - 1, pa.py_buffer(offsets), data, validity, null_count if validity else 0
     )
+    if take_even is None:
+        take_even = pa.array(np.arange(0, 2 * m - 1, 2, dtype=np.int32))
     return inter.take(take_even)
 
 

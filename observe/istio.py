@@ -59,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe.envoy_format import cut_strings
 from observe.schema import FLOW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -145,24 +146,6 @@ def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return offs[:-1].astype(np.int64), offs[1:].astype(np.int64), data
 
 
-def _slices(arr: pa.Array, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """Substrings ``value[starts:ends]`` (byte positions in ``arr``'s data) as a compact array."""
-    m = len(starts)
-    if m == 0:
-        return pa.array([], _STR)
-    offsets = np.empty(2 * m, dtype=np.int32)
-    offsets[0::2] = starts
-    offsets[1::2] = ends
-    bits = np.ones(2 * m - 1, dtype=bool)
-    bits[0::2] = valid
-    nulls = int(m - valid.sum())
-    validity = pa.py_buffer(np.packbits(bits, bitorder="little")) if nulls else None
-    inter = pa.StringArray.from_buffers(
-        2 * m - 1, pa.py_buffer(offsets), arr.buffers()[2], validity, nulls if nulls else 0
-    )
-    return pc.take(inter, pa.array(np.arange(0, 2 * m - 1, 2, dtype=np.int32)))
-
-
 _PORT_WEIGHTS = np.array([10**k for k in range(5)], dtype=np.int32)
 
 
@@ -185,6 +168,8 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
             ip, port = _address_plain(enc.dictionary)
             return ip.take(enc.indices), port.take(enc.indices)
     starts, ends, data = _string_parts(arr)
+    if data.size == 0:  # only empty strings: nothing for the byte gathers to look at
+        return _address_plain(arr)
     # A port is 1-5 digits after the last colon, so only the last 6 bytes matter: a few 1-D
     # gathers instead of locating every colon of the column.
     room = ends - starts
@@ -201,7 +186,7 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
         value += np.where(used, digit.astype(np.int32) * _PORT_WEIGHTS[j - 1], 0)
     colon = ends - plen - 1
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    head = _slices(arr, starts, np.where(has_port, colon, ends), valid)
+    head = cut_strings(arr.buffers()[2], starts, np.where(has_port, colon, ends), valid)
     henc = pc.dictionary_encode(head)
     hip = _group_plain(henc.dictionary, _HEAD_RE, "ip6")
     hip = pc.coalesce(hip, _group_plain(henc.dictionary, _HEAD_RE, "ip4"))

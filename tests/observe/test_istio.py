@@ -302,3 +302,11 @@ def test_address_ip_and_port(address: str | None, ip: str | None, port: int | No
     ips, ports = istio._address(col)
     assert (ips[0].as_py(), ports[0].as_py()) == (ip, port)
     assert (ips[399].as_py(), ports[399].as_py()) == ("10.9.1.148", 1398)
+
+
+def test_address_columns_of_empty_strings_do_not_crash() -> None:
+    """JSON input can carry "" where Envoy would print '-'."""
+    from observe.istio import _address
+
+    ip, port = _address(pa.array(["", "", None], pa.string()))
+    assert ip.to_pylist() == [None, None, None] and port.to_pylist() == [None, None, None]
