@@ -143,6 +143,9 @@ def analyze(args: argparse.Namespace) -> int:
         if raw.exists():
             os.unlink(raw)
 
+    if learned.stats.get("records_unattributed"):
+        _say(args, f"meshwright: {learned.stats['records_unattributed']:,} records name no "
+                   "destination address or port; left out of the graph (see report.md)")
     options = EmitOptions(plaintext=args.plaintext, dry_run=args.dry_run_annotation,
                           trust_domain=args.trust_domain)
     emitted = emit_outputs(out, learned.graph, options,
