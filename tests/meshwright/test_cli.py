@@ -202,3 +202,17 @@ def test_progress_is_shown_on_a_terminal_only(tmp_path: Path) -> None:
     assert b"\rreading:" in seen and b"\rlearning:" in seen and b"records" in seen
     piped = _run("analyze", str(SAMPLE), "-o", str(tmp_path / "p"))
     assert "\r" not in piped.stderr
+
+
+def test_records_without_a_destination_are_counted_not_dropped(tmp_path: Path) -> None:
+    record = {"start_time": "2020-11-25T21:26:18.409Z", "method": "GET", "path": "/x",
+              "protocol": "HTTP/1.1", "response_code": 200, "upstream_cluster": "inbound|80||",
+              "downstream_local_address": "", "downstream_remote_address": "",
+              "upstream_host": "", "requested_server_name": ""}
+    log = tmp_path / "odd.json"
+    log.write_text((json.dumps(record) + "\n") * 3, encoding="utf-8")
+    result = _run("analyze", str(log), "-o", str(tmp_path / "o"))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "3 records name no destination" in result.stderr
+    report = (tmp_path / "o" / "report.md").read_text("utf-8")
+    assert "| records with no destination identity (not in the graph) | 3 |" in report
