@@ -280,3 +280,19 @@ def test_json_encoded_logs_give_the_same_policies(out: Path, tmp_path: Path) -> 
     assert _policies_text(again) == _policies_text(out)
     report = (again / "report.md").read_text("utf-8")
     assert "| istio-json | 3421 |" in report
+
+
+def test_plaintext_deny_breaks_only_the_plaintext_client(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--plaintext deny: every mTLS request still allowed, the unmeshed client's all denied."""
+    monkeypatch.chdir(ROOT)
+    deny = tmp_path / "deny"
+    _analyze(deny, "--plaintext", "deny")
+    manifests = _manifests(deny)
+    requests = [r for r in _observed_requests(deny) if not r[1]]
+    refused = [(req, origin) for req, _, origin in requests
+               if not evaluate(manifests, req).allowed]
+    assert refused, "the plaintext client must be cut off"
+    assert all(req.source_principal is None and req.source_ip == "10.244.1.14"
+               and req.labels.get("app") == "ratings" for req, _ in refused)
+    assert len(refused) == 27
