@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping
+from functools import lru_cache
 
 #: Minimum Istio version for ``{*}`` / ``{**}`` path templates in AuthorizationPolicy.
 TEMPLATES_MIN_ISTIO = "1.22"
@@ -51,6 +52,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_\-+=.~]{20,}$")
 _PCT_UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 # A kebab-case slug ('release-2024-notes-v2') is a route name even when long.
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+# Anything normalize_path would change: query/fragment, %HH, backslash, dot segments.
+_NEEDS_NORMALIZING = re.compile(r"[?#%\\]|/\.\.?(?:/|$)")
 # Characters Istio would read as wildcard/template syntax in a policy path.
 _SPECIAL = re.compile(r"[*{}]")
 
@@ -73,9 +76,21 @@ def is_id_segment(segment: str) -> bool:
     return bool(_SPECIAL.search(segment))
 
 
+@lru_cache(maxsize=1 << 16)
+def _id_segment(segment: str) -> bool:
+    # Route-name segments repeat across paths ('api', 'v1', 'users'): decide each once.
+    return is_id_segment(segment)
+
+
 def normalize_path(path: str) -> str:
     """The path as Istio's default (BASE) normalization compares it: no query/fragment,
     unreserved %HH decoded, backslashes as slashes, dot segments resolved."""
+    if not _NEEDS_NORMALIZING.search(path):
+        return path  # the common case: nothing to decode, drop or resolve
+    return _normalize(path)
+
+
+def _normalize(path: str) -> str:
     for sep in ("?", "#"):
         path = path.split(sep, 1)[0]
     path = _PCT_UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
@@ -117,11 +132,11 @@ def path_family(path: str, protocol: str, *, templates: bool = False) -> str:
         return "*" if _SPECIAL.search(norm) or not norm else norm
     segments = norm.split("/")[1:]
     if templates:
-        if not any(is_id_segment(s) for s in segments):
+        if not any(_id_segment(s) for s in segments):
             return norm
-        return "/" + "/".join("{*}" if is_id_segment(s) else s for s in segments)
+        return "/" + "/".join("{*}" if _id_segment(s) else s for s in segments)
     for i, seg in enumerate(segments):
-        if is_id_segment(seg):
+        if _id_segment(seg):
             if i == 0 and not _SPECIAL.search(seg):
                 # '/*' would allow every path; a root-level id stays exact (collapse may
                 # still group many of them, but never into '/*').

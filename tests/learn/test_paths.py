@@ -91,3 +91,15 @@ def test_families_are_order_independent() -> None:
 def test_is_wildcard() -> None:
     assert is_wildcard("/a/*") and is_wildcard("*/b") and is_wildcard("*")
     assert is_wildcard("/a/{*}/b") and not is_wildcard("/a/b")
+
+
+def test_normalize_fast_path_agrees_with_the_full_normalization() -> None:
+    import random
+
+    from learn.paths import _normalize, normalize_path
+
+    rng = random.Random(11)
+    alphabet = ["/", ".", "..", "?", "#", "%2D", "%2f", "\\", "a", "b", "1", "-", "%"]
+    for _ in range(20000):
+        path = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 10)))
+        assert normalize_path(path) == _normalize(path), path
