@@ -135,12 +135,23 @@ class GraphBuilder:
         """Fold one batch into the accumulators: one grouped pass per statistic, so the
         Python work scales with distinct (edge, value) pairs, not with records."""
         keys = list(_KEYS)
-        totals = frame.groupby(keys, sort=False).agg(
+        # One integer per edge of this batch: later groupings key on it, and Python loops
+        # walk plain numpy arrays instead of pandas rows.
+        edge = frame.groupby(keys, sort=False).ngroup().to_numpy()
+        frame = frame.assign(_edge=edge)
+        firsts = frame.drop_duplicates("_edge")
+        accs: dict[int, _EdgeAcc] = {
+            int(code): self._acc(tuple(key))
+            for code, *key in zip(firsts["_edge"].to_numpy(),
+                                  *(firsts[k].to_numpy(dtype=object) for k in keys),
+                                  strict=True)
+        }
+        totals = frame.groupby("_edge", sort=False).agg(
             requests=("bytes", "size"), bytes=("bytes", "sum"), denied=("denied", "sum"),
             first=("time", "min"), last=("time", "max"),
         )
-        for key, row in zip(totals.index, totals.itertuples(index=False), strict=True):
-            acc = self._acc(key)
+        for code, row in zip(totals.index, totals.itertuples(index=False), strict=True):
+            acc = accs[int(code)]
             acc.requests += int(row.requests)
             acc.bytes += int(row.bytes)
             acc.denied += int(row.denied)
@@ -150,34 +161,41 @@ class GraphBuilder:
             acc.first = first if acc.first is None else min(acc.first, first)
             acc.last = last if acc.last is None else max(acc.last, last)
         for column, target in (("mtls", "mtls"), ("status_class", "classes")):
-            for (*key, value), count in frame.groupby([*keys, column], sort=False).size().items():
-                getattr(self._acc(tuple(key)), target)[str(value)] += int(count)
+            counts = frame.groupby(["_edge", column], sort=False).size()
+            for (code, value), count in counts.items():
+                getattr(accs[int(code)], target)[str(value)] += int(count)
         timed = frame[frame["time"].notna()]
         for column, target in (("hour", "hours"), ("minute", "minutes")):
-            for (*key, value) in timed[[*keys, column]].drop_duplicates().itertuples(index=False):
-                getattr(self._acc(tuple(key)), target).add(int(value))
-        self._aggregate_operations(frame, keys)
+            pairs = timed[["_edge", column]].drop_duplicates()
+            for code, value in zip(pairs["_edge"].to_numpy(), pairs[column].to_numpy(),
+                                   strict=True):
+                getattr(accs[int(code)], target).add(int(value))
+        self._aggregate_operations(frame, accs)
         weak = frame[(frame["mtls"] != "mtls") & frame["src_ip"].notna()]
-        for (*key, ip) in weak[[*keys, "src_ip"]].drop_duplicates().itertuples(index=False):
-            acc = self._acc(tuple(key))
+        pairs = weak[["_edge", "src_ip"]].drop_duplicates()
+        for code, ip in zip(pairs["_edge"].to_numpy(), pairs["src_ip"].to_numpy(dtype=object),
+                            strict=True):
+            acc = accs[int(code)]
             if len(acc.source_ips) >= MAX_SOURCE_IPS and ip not in acc.source_ips:
                 acc.source_ips_truncated = True
             else:
                 acc.source_ips.add(str(ip))
         for column in ("authority", "service_host"):
-            hosts = frame[frame[column].notna()][[*keys, column]].drop_duplicates()
-            for (*key, host) in hosts.itertuples(index=False):
-                acc = self._acc(tuple(key))
+            pairs = frame[frame[column].notna()][["_edge", column]].drop_duplicates()
+            for code, host in zip(pairs["_edge"].to_numpy(),
+                                  pairs[column].to_numpy(dtype=object), strict=True):
+                acc = accs[int(code)]
                 if len(acc.hosts) < MAX_HOSTS:
                     acc.hosts.add(str(host))
-        samples = frame.sort_values(["time", "origin"]).groupby(keys, sort=False).head(
+        samples = frame.sort_values(["time", "origin"]).groupby("_edge", sort=False).head(
             EVIDENCE_SAMPLES)
-        for (*key, t, origin) in samples[[*keys, "time", "origin"]].itertuples(index=False):
-            acc = self._acc(tuple(key))
+        for code, t, origin in zip(samples["_edge"].to_numpy(), samples["time"],
+                                   samples["origin"].to_numpy(dtype=object), strict=True):
+            acc = accs[int(code)]
             when = _LAST if pd.isna(t) else t.to_pydatetime()
             acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, [*acc.evidence, (when, str(origin))])
 
-    def _aggregate_operations(self, frame: pd.DataFrame, keys: list[str]) -> None:
+    def _aggregate_operations(self, frame: pd.DataFrame, accs: dict[int, _EdgeAcc]) -> None:
         http = frame[frame["protocol"].isin(("http", "grpc")) & ~frame["denied"]]
         if http.empty:
             return
@@ -189,10 +207,9 @@ class GraphBuilder:
             mapping = {p: self._family(str(p), str(protocol)) for p in some.unique()}
             family[mask] = some.map(mapping)
         http = http.assign(method=http["method"].fillna("-"), family=family)
-        for (*key, method, family), count in http.groupby(
-            [*keys, "method", "family"], sort=False
-        ).size().items():
-            self._acc(tuple(key)).operations[(str(method), str(family))] += int(count)
+        counts = http.groupby(["_edge", "method", "family"], sort=False).size()
+        for (code, method, fam), count in counts.items():
+            accs[int(code)].operations[(str(method), str(fam))] += int(count)
 
     def _counted_mask(self, table: pa.Table) -> pa.ChunkedArray:
         if "dst_pod" not in table.column_names or not self.inbound_reporters:
