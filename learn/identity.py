@@ -197,7 +197,11 @@ class IdentityResolver:
         def col(name: str) -> np.ndarray:
             if name not in names:
                 return np.full(n, None, dtype=object)
-            return np.asarray(batch.column(name).to_pylist(), dtype=object)
+            column = batch.column(name)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                # Arrow's own conversion to an object array: no Python list in between.
+                return np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
+            return np.asarray(column.to_pylist(), dtype=object)
 
         if "time" in names:
             tcol = batch.column("time").cast(pa.int64())
