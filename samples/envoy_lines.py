@@ -353,31 +353,15 @@ def tcp_outbound_entry(t: TcpConn) -> AccessEntry:
 def tcp_inbound_entry(t: TcpConn, server_ip: str, target_port: int, local_port: int,
                       sni: str | None) -> AccessEntry:
     """The server side of a meshed TCP connection (``inbound|<port>||``)."""
-    return AccessEntry(
-        start=t.start,
-        method=None,
-        path=None,
-        protocol=None,
-        response_code=0,
-        response_flags="-",
-        response_code_details=None,
-        connection_termination_details=None,
-        upstream_transport_failure_reason=None,
-        bytes_received=t.bytes_received,
-        bytes_sent=t.bytes_sent,
+    return replace(
+        tcp_outbound_entry(t),
         duration=max(0, t.duration - 1),
-        upstream_service_time=None,
-        x_forwarded_for=None,
-        user_agent=None,
-        request_id=None,
-        authority=None,
         upstream_host=f"{server_ip}:{target_port}",
         upstream_cluster=inbound_cluster(target_port),
         upstream_local_address=f"{INBOUND_PASSTHROUGH_SOURCE}:{local_port}",
         downstream_local_address=f"{server_ip}:{target_port}",
         downstream_remote_address=f"{t.client_ip}:{t.conn_port}",
         requested_server_name=sni,
-        route_name=None,
     )
 
 
