@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emit import outputs, report
-from emit.istio import DEFAULT_SYSTEM_NAMESPACES, istio_manifests
+from emit.istio import DEFAULT_SYSTEM_NAMESPACES, plan_istio
 from learn.findings import find
 from learn.model import Finding, Graph
 
@@ -34,21 +34,22 @@ def emit_outputs(out: Path, graph: Graph, options: EmitOptions, *,
                  stats: dict[str, Any]) -> Emitted:
     """Write everything but flows.parquet into ``out`` (which must exist)."""
     findings = find(graph)
-    manifests = istio_manifests(
+    # One plan: the manifests, what was left out and the report's rule explanations.
+    plan = plan_istio(
         graph, plaintext=options.plaintext, dry_run=options.dry_run,
         system_namespaces=options.system_namespaces,
     )
+    manifests = plan.manifests
     outputs.write_policies(manifests, out)
     outputs.write_json(out / "graph.json", outputs.graph_json(graph))
     outputs.write_json(out / "findings.json", outputs.findings_json(findings))
     text = report.render_report(
         graph, findings, manifests,
         stats=stats,
-        excluded=report.excluded_items(
-            graph, plaintext=options.plaintext, system_namespaces=options.system_namespaces
-        ),
+        excluded=plan.excluded,
         options={"trust_domain": options.trust_domain, "plaintext": options.plaintext,
                  "dry_run": options.dry_run, "system_namespaces": options.system_namespaces},
+        plan=plan,
     )
     outputs.write_text_atomic(out / "report.md", text)
     return Emitted(findings=findings, manifests=manifests)

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from emit.istio import DEFAULT_SYSTEM_NAMESPACES, PolicyExplanation, plan_istio
+from emit.istio import DEFAULT_SYSTEM_NAMESPACES, IstioPlan, PolicyExplanation, plan_istio
 from emit.outputs import SEVERITY_ORDER, findings_json, policy_relpath
 from emit.yamlio import rfc3339
 from learn.model import Edge, Finding, Graph
@@ -331,17 +331,19 @@ def render_report(
     stats: dict[str, Any],
     excluded: list[dict[str, Any]],
     options: dict[str, Any],
+    plan: IstioPlan | None = None,
 ) -> str:
-    """The Markdown report. ``options`` may carry ``plaintext``, ``dry_run`` and
-    ``system_namespaces`` (as given to :func:`emit.istio.istio_manifests`), so the rule
-    explanations are recomputed for exactly those manifests."""
-    plan = plan_istio(
-        graph,
-        plaintext="deny" if options.get("plaintext") == "deny" else "allow",
-        dry_run=bool(options.get("dry_run", False)),
-        system_namespaces=frozenset(options.get("system_namespaces",
-                                                DEFAULT_SYSTEM_NAMESPACES)),
-    )
+    """The Markdown report. ``plan`` is the :func:`emit.istio.plan_istio` result behind
+    ``manifests``; without it the plan is recomputed from ``options`` (``plaintext``,
+    ``dry_run``, ``system_namespaces``, as given to :func:`emit.istio.istio_manifests`)."""
+    if plan is None:
+        plan = plan_istio(
+            graph,
+            plaintext="deny" if options.get("plaintext") == "deny" else "allow",
+            dry_run=bool(options.get("dry_run", False)),
+            system_namespaces=frozenset(options.get("system_namespaces",
+                                                    DEFAULT_SYSTEM_NAMESPACES)),
+        )
     explanations = {(e.kind, e.namespace, e.name): e for e in plan.explanations}
     lines = ["# meshwright policy proposal", ""]
     if options:
