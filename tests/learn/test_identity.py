@@ -77,25 +77,31 @@ def test_reporter_side_exact_and_peer_by_ip(tmp_path: Path) -> None:
     assert row["dst_workload"] == "default/reviews-v1" and row["dst_pod"] == reviews
     assert row["src_workload"] == "default/productpage-v1"
     assert row["src_pod"] == _pod_name(inv, "productpage-v1")
-    assert out.schema.names[: len(FLOW_SCHEMA)] == FLOW_SCHEMA.names
     assert out.schema.names == FLOW_SCHEMA.names  # resolved batches keep the flow schema
 
 
-def test_ip_reuse_resolved_by_time(tmp_path: Path) -> None:
+
+def _reused_ip_resolver(tmp_path: Path) -> tuple[IdentityResolver, str, str]:
+    """10.244.5.5 is ratings-v1's from 10:00 to 10:30, then details-v1's from 10:40;
+    returns the resolver and the two pods' names."""
     docs = {d["metadata"]["name"]: d for d in K.load_yaml_docs(BOOKINFO)
             if d["kind"] == "Deployment"}
     a = K.pods_for(docs["ratings-v1"], ["10.244.5.5"], created="2024-05-01T10:00:00Z",
                    deleted="2024-05-01T10:30:00Z")
     b = K.pods_for(docs["details-v1"], ["10.244.5.5"], created="2024-05-01T10:40:00Z")
-    inv = load_inventory([BOOKINFO, _dump(tmp_path, a + b)])
-    r = IdentityResolver(inv)
+    resolver = IdentityResolver(load_inventory([BOOKINFO, _dump(tmp_path, a + b)]))
+    return resolver, a[0]["metadata"]["name"], b[0]["metadata"]["name"]
+
+
+def test_ip_reuse_resolved_by_time(tmp_path: Path) -> None:
+    r, ratings_pod, details_pod = _reused_ip_resolver(tmp_path)
     rows = [{"time": _ts(t), "direction": "unknown", "src_ip": "10.244.5.5",
              "dst_ip": "10.244.5.5", "dst_port": 9080} for t in ("10:10", "10:50", "10:35")]
     out = r.resolve(_batch(rows)).to_pylist()
     assert [o["src_workload"] for o in out] == ["default/ratings-v1", "default/details-v1",
                                                 "unknown:10.244.5.5"]
-    assert out[0]["src_pod"] == f"default/{a[0]['metadata']['name']}"
-    assert out[1]["dst_pod"] == f"default/{b[0]['metadata']['name']}"
+    assert out[0]["src_pod"] == f"default/{ratings_pod}"
+    assert out[1]["dst_pod"] == f"default/{details_pod}"
     assert any("10.244.5.5" in m and "outside the lifetimes" in m for m in r.ambiguities)
 
 
@@ -319,13 +325,7 @@ def test_ambiguities_are_counted_and_deterministic(tmp_path: Path) -> None:
 
 
 def test_vectorized_many_rows(tmp_path: Path) -> None:
-    docs = {d["metadata"]["name"]: d for d in K.load_yaml_docs(BOOKINFO)
-            if d["kind"] == "Deployment"}
-    a = K.pods_for(docs["ratings-v1"], ["10.244.5.5"], created="2024-05-01T10:00:00Z",
-                   deleted="2024-05-01T10:30:00Z")
-    b = K.pods_for(docs["details-v1"], ["10.244.5.5"], created="2024-05-01T10:40:00Z")
-    inv = load_inventory([BOOKINFO, _dump(tmp_path, a + b)])
-    r = IdentityResolver(inv)
+    r, _, _ = _reused_ip_resolver(tmp_path)
     times = [_ts("10:10"), _ts("10:50")] * 20_000
     out = r.resolve(_batch([{"time": t, "src_ip": "10.244.5.5"} for t in times]))
     got = out.column("src_workload").to_pylist()
