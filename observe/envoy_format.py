@@ -48,6 +48,11 @@ import pyarrow.compute as pc
 
 from observe.errors import FormatError
 
+try:  # the compiled kernel (observe/_textcut.c); the numpy path below gives the same result
+    from observe import _textcut  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _textcut = None
+
 log = logging.getLogger(__name__)
 
 #: Canonical field names: the keys of Istio's JSON access-log encoding, in Istio's text order.
@@ -148,6 +153,8 @@ ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2
 _ISO_TIME = ISO_TIME_PATTERN
 
 CHUNK = 65536
+#: Use the compiled kernel when it is built (tests switch it off to compare both paths).
+USE_KERNEL = True
 _NULL_STR = pa.scalar(None, pa.string())
 
 
@@ -474,7 +481,12 @@ def _iso_shaped(col: pa.Array) -> pa.Array:
 
 
 def _validate(
-    fmt: EnvoyFormat, cols: dict[str, pa.Array], unquoted: set[str]
+    fmt: EnvoyFormat,
+    cols: dict[str, pa.Array],
+    unquoted: set[str],
+    *,
+    check_numbers: bool = True,
+    check_times: bool = True,
 ) -> pa.Array | None:
     """Boolean mask of rows whose typed fields look right (None: all rows fine)."""
     ok: pa.Array | None = None
@@ -486,17 +498,25 @@ def _validate(
     # Columns may hold '-' or already null for it; both mean "no value".
     numeric = _numeric_names(fmt)
     for name, col in cols.items():
-        if name in numeric:
+        if name in numeric and check_numbers:
             both(pc.fill_null(pc.or_(pc.ascii_is_decimal(col), pc.equal(col, "-")), True))
         elif name in unquoted:
             both(pc.fill_null(pc.greater(pc.binary_length(col), 0), True))
-    for tok in fmt.tokens:
-        if isinstance(tok, Operator) and tok.command == "START_TIME" and tok.arg is None:
-            shaped = _iso_shaped(cols[tok.name])
-            both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[tok.name], None))))
+    if check_times:
+        for name in _time_names(fmt):
+            shaped = _iso_shaped(cols[name])
+            both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[name], None))))
     if ok is not None:
         ok = pc.fill_null(ok, False)
     return ok
+
+
+def _time_names(fmt: EnvoyFormat) -> list[str]:
+    """Fields of ``%START_TIME%`` without a format argument (RFC3339 values)."""
+    return [
+        t.name for t in fmt.tokens
+        if isinstance(t, Operator) and t.command == "START_TIME" and t.arg is None
+    ]
 
 
 @dataclass
@@ -556,11 +576,14 @@ def _kept_fields(fmt: EnvoyFormat, wanted: Collection[str] | None) -> list[str]:
     """The fields to cut: the wanted ones plus those :func:`_validate` checks."""
     if wanted is None:
         return list(fmt.fields)
-    checked = _numeric_names(fmt) | {
-        t.name for t in fmt.tokens
-        if isinstance(t, Operator) and t.command == "START_TIME" and t.arg is None
-    }
+    checked = set(_time_names(fmt))
+    if not _kernel_on():  # the kernel checks numbers without cutting them out
+        checked |= _numeric_names(fmt)
     return [name for name in fmt.fields if name in wanted or name in checked]
+
+
+def _kernel_on() -> bool:
+    return _textcut is not None and USE_KERNEL
 
 
 def _fast_chunk(
@@ -608,6 +631,8 @@ def _fast_core(
 ) -> tuple[dict[str, pa.Array], np.ndarray]:
     """:func:`_fast_chunk` on lines ``data[line_start[i]:line_end[i]]`` (increasing ranges)."""
     assert fmt.pieces is not None
+    if _kernel_on():
+        return _kernel_core(data, line_start, line_end, valid, fmt, kept)
     pieces = fmt.pieces
     nq = len(pieces) - 1
     lo, hi = int(line_start[0]), int(line_end[-1])
@@ -705,6 +730,59 @@ def _fast_core(
         names = list(cols)
         good, kept = _keep(good, valid, [cols[c] for c in names])
         cols = dict(zip(names, kept, strict=True))
+    return cols, good
+
+
+def _plan(fmt: EnvoyFormat) -> tuple[tuple[tuple[bytes, bytes, int, int], ...], list[str]]:
+    """The kernel's view of ``fmt.pieces``: (prefix, suffix, field count, quoted) per piece,
+    and the field names in piece order."""
+    assert fmt.pieces is not None
+    plan = tuple(
+        (p.prefix.encode(), p.suffix.encode(), len(p.fields), int(p.quoted)) for p in fmt.pieces
+    )
+    return plan, [f.name for p in fmt.pieces for f in p.fields]
+
+
+def _kernel_core(
+    data: np.ndarray,
+    line_start: np.ndarray,
+    line_end: np.ndarray,
+    valid: np.ndarray | None,
+    fmt: EnvoyFormat,
+    kept: Sequence[str] | None,
+) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """:func:`_fast_core` by the compiled kernel: same checks, same columns."""
+    plan, order = _plan(fmt)
+    names = list(fmt.fields if kept is None else kept)
+    index = {name: order.index(name) for name in names}
+    times = _time_names(fmt)
+    # One RFC3339 field is checked by the kernel (Envoy's default layout; other layouts are
+    # counted and checked here); several are all checked here.
+    time_field = order.index(times[0]) if len(times) == 1 else -1
+    good_b, raw_cols, m, odd_times = _textcut.cut(
+        data,
+        np.ascontiguousarray(line_start, dtype=np.int64),
+        np.ascontiguousarray(line_end, dtype=np.int64),
+        None if valid is None else np.ascontiguousarray(valid, dtype=np.uint8),
+        plan,
+        tuple(index[name] for name in names),
+        tuple(order.index(name) for name in sorted(_numeric_names(fmt))),
+        time_field,
+    )
+    good = np.frombuffer(good_b, dtype=bool).copy()
+    if not m:
+        return {}, good
+    cols: dict[str, pa.Array] = {}
+    for name, (offsets, values, bits, nulls) in zip(names, raw_cols, strict=True):
+        cols[name] = pa.StringArray.from_buffers(
+            m, pa.py_buffer(offsets), pa.py_buffer(values),
+            None if bits is None else pa.py_buffer(bits), nulls,
+        )
+    if odd_times or (times and time_field < 0):
+        checked = _validate(fmt, cols, set(), check_numbers=False)
+        if checked is not None:
+            good, arrays = _keep(good, checked, list(cols.values()))
+            cols = dict(zip(cols, arrays, strict=True))
     return cols, good
 
 

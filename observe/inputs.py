@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe import layouts
-from observe.envoy_format import RawLines
+from observe.envoy_format import RawLines, _textcut
 from observe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -371,6 +371,15 @@ class _BufferPool:
         return buf
 
 
+def _newlines(data: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Positions of b'\\n' in ``data`` (``scratch``: a reused buffer at least as long)."""
+    if _textcut is not None:
+        count = _textcut.newlines(data, scratch)
+        return scratch[:count].copy()
+    # Into a reused mask: a fresh read-sized temporary costs page faults each time.
+    return np.flatnonzero(np.equal(data, 10, out=scratch[: len(data)]))
+
+
 def iter_chunks(
     stream: BinaryIO, *, chunk_bytes: int = CHUNK_BYTES, max_lines: int = 65536
 ) -> Iterator[tuple[RawLines, int]]:
@@ -384,7 +393,7 @@ def iter_chunks(
     read_size = max(1, min(chunk_bytes, READ_BYTES))
     pool = _BufferPool(max(chunk_bytes, read_size) + read_size)
     buf = pool.get()
-    newline_mask = np.empty(read_size, dtype=bool)
+    newline_scratch = np.empty(read_size, dtype=np.int64 if _textcut else bool)
     ends: list[np.ndarray] = []  # newline positions in buf, per read
     size = count = 0
     lineno = 1
@@ -393,9 +402,7 @@ def iter_chunks(
             buf = np.concatenate([buf[:size], np.empty(len(buf), dtype=np.uint8)])
         got = stream.readinto(buf.data[size : size + read_size]) or 0  # type: ignore[attr-defined]
         if got:
-            # Into a reused mask: a fresh read-sized temporary costs page faults each time.
-            mask = np.equal(buf[size : size + got], 10, out=newline_mask[:got])
-            nl = np.flatnonzero(mask)
+            nl = _newlines(buf[size : size + got], newline_scratch)
             ends.append(nl + size if size else nl)
             size += got
             count += len(nl)

@@ -59,7 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe.envoy_format import cut_strings
+from observe.envoy_format import _textcut, cut_strings
 from observe.schema import FLOW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,25 @@ def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _PORT_WEIGHTS = np.array([10**k for k in range(5)], dtype=np.int32)
 
 
+def _addresses_compiled(arr: pa.Array) -> tuple[pa.Array, pa.Array] | None:
+    """:func:`_address` by the compiled kernel; None when a value needs the regex."""
+    validity, offsets, data = arr.buffers()
+    if data is None:
+        return None
+    got = _textcut.addresses(offsets, data, validity, len(arr), arr.offset)
+    if got is None:
+        return None
+    ip_offs, ip_vals, ip_bits, ip_nulls, ports, port_bits, port_nulls = got
+    n = len(arr)
+    ip = pa.StringArray.from_buffers(
+        n, pa.py_buffer(ip_offs), pa.py_buffer(ip_vals), pa.py_buffer(ip_bits), ip_nulls
+    )
+    port = pa.Array.from_buffers(
+        pa.int32(), n, [pa.py_buffer(port_bits), pa.py_buffer(ports)], port_nulls
+    )
+    return ip, port
+
+
 def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     """(ip, port) of each address; exactly :data:`_ADDR_RE`'s groups, computed cheaply.
 
@@ -159,6 +178,10 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     n = len(arr)
     if n == 0 or arr.null_count == n:
         return pa.nulls(n, _STR), pa.nulls(n, pa.int32())
+    if _textcut is not None:
+        split = _addresses_compiled(arr)
+        if split is not None:
+            return split
     # Remote addresses carry ephemeral ports (nearly all distinct): a sample tells cheaply
     # whether encoding the whole column is worth it.
     sample = arr.slice(0, 4096)
