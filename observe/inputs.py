@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe import layouts
-from observe.envoy_format import RawLines, _textcut
+from observe.compiled import textcut as _textcut
+from observe.envoy_format import RawLines
 from observe.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe.envoy_format import _textcut, cut_strings
+from observe.compiled import textcut as _textcut
+from observe.envoy_format import MAX_DIGITS, cut_strings
 from observe.schema import FLOW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,27 @@ def _grpc_paths(path: pa.Array, rows: pa.Array) -> pa.Array:
     return pa.array(out)
 
 
-def _int(arr: pa.Array, typ: pa.DataType) -> pa.Array:
-    # The parser guarantees digits or null for these fields; guard anyway for other inputs.
-    ok = _mask(pc.ascii_is_decimal(arr))
-    return pc.if_else(ok, arr, None).cast(typ)
+_INT32_MAX = 2**31 - 1
+
+
+def _int(arr: pa.Array, typ: pa.DataType, checked: bool = False) -> pa.Array:
+    """Numbers of a numeric field; null for '-' and for values that are no such number.
+
+    ``checked``: the TEXT parser already made every value digits (at most
+    ``envoy_format.MAX_DIGITS``) or null. An int32 field (the status) gets null beyond int32:
+    no HTTP or gRPC status is that large.
+    """
+    if not checked:
+        ok = _mask(pc.and_(pc.ascii_is_decimal(arr),
+                           pc.less_equal(pc.binary_length(arr), MAX_DIGITS)))
+        arr = pc.if_else(ok, arr, None)
+    out = arr.cast(pa.int64())
+    if typ == pa.int32():
+        big = pc.max(out).as_py()
+        if big is not None and big > _INT32_MAX:
+            out = pc.if_else(_mask(pc.less_equal(out, _INT32_MAX)), out, None)
+        out = out.cast(pa.int32())
+    return out
 
 
 def _time(arr: pa.Array, iso_checked: bool = False) -> pa.Array:
@@ -267,12 +285,12 @@ def to_flows(
     reporter: pa.Array | None,
     origin: pa.Array,
     source: str,
-    iso_times: bool = False,
+    checked: bool = False,
 ) -> pa.RecordBatch:
     """Flow records (FLOW_SCHEMA) for parsed Envoy fields: :func:`flow_batches` in one batch,
     each gateway's downstream-leg record right after its outbound record."""
     main, legs, rows = flow_batches(
-        fields, reporter=reporter, origin=origin, source=source, iso_times=iso_times
+        fields, reporter=reporter, origin=origin, source=source, checked=checked
     )
     if legs is None:
         return main
@@ -285,7 +303,7 @@ def flow_batches(
     reporter: pa.Array | None,
     origin: pa.Array,
     source: str,
-    iso_times: bool = False,
+    checked: bool = False,
 ) -> tuple[pa.RecordBatch, pa.RecordBatch | None, np.ndarray]:
     """Flow records (FLOW_SCHEMA) for parsed Envoy fields (one row per line, '-' already null).
 
@@ -295,8 +313,8 @@ def flow_batches(
     'file:line' of each row. Gateway lines yield two records (see the module docstring); the
     legs come as a separate batch so that a streaming caller need not interleave (a gather of
     every column) them.
-    ``iso_times``: every ``start_time`` value is known to be RFC3339 (the TEXT parser checks
-    it), so the check is not repeated.
+    ``checked``: the fields come from the TEXT parser, which made every ``start_time`` RFC3339
+    and every number digits or null, so those checks are not repeated.
     """
     n = fields.num_rows
     if len(origin) != n or (reporter is not None and len(reporter) != n):
@@ -360,8 +378,8 @@ def flow_batches(
         flags = pc.fill_null(flags, "-")  # Envoy's own spelling of "no flags"
 
     columns: dict[str, pa.Array] = {
-        "time": _time(_col(fields, "start_time"), iso_times),
-        "duration_ms": _int(_col(fields, "duration"), pa.int64()),
+        "time": _time(_col(fields, "start_time"), checked),
+        "duration_ms": _int(_col(fields, "duration"), pa.int64(), checked),
         "src_ip": src_ip,
         "src_port": src_port,
         "dst_ip": dst_ip,
@@ -377,11 +395,11 @@ def flow_batches(
         "method": pc.if_else(is_tcp, pa.scalar(None, _STR), method),
         "path": pc.if_else(is_tcp, pa.scalar(None, _STR), path),
         "authority": authority,
-        "status": _int(_col(fields, "response_code"), pa.int32()),
+        "status": _int(_col(fields, "response_code"), pa.int32(), checked),
         "response_flags": flags,
         "response_detail": pc.coalesce(rcd, ctd),
-        "bytes_in": _int(_col(fields, "bytes_received"), pa.int64()),
-        "bytes_out": _int(_col(fields, "bytes_sent"), pa.int64()),
+        "bytes_in": _int(_col(fields, "bytes_received"), pa.int64(), checked),
+        "bytes_out": _int(_col(fields, "bytes_sent"), pa.int64(), checked),
         "mtls": mtls,
         "sni": sni,
         "upstream_cluster": uc,

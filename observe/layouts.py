@@ -32,6 +32,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe.compiled import textcut as _textcut
+
 #: Container names a sidecar/gateway proxy runs as; a file named after one is per-container.
 PROXY_CONTAINERS = frozenset({"istio-proxy", "proxy", "envoy"})
 
@@ -306,6 +308,17 @@ def classify_raw(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     n = len(starts)
     if n == 0:
         return np.zeros(0, dtype=bool)
+    if _textcut is not None:
+        mask = _textcut.classify_heads(data, np.ascontiguousarray(starts, dtype=np.int64),
+                                       np.ascontiguousarray(ends, dtype=np.int64))
+        return None if mask is None else np.frombuffer(mask, dtype=bool)
+    return _classify_raw_numpy(data, starts, ends)
+
+
+def _classify_raw_numpy(
+    data: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> np.ndarray | None:
+    """:func:`classify_raw` without the compiled kernel."""
     lens = ends - starts
     w8, w4 = _head_words(data, starts)
     # Bytes past a short line's end are masked out by the length checks.

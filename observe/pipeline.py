@@ -210,7 +210,7 @@ class _Job:
             reporter=rep,
             origin=_origins(self.name, self.linenos[keep]),
             source=self.source,
-            iso_times=self.source != SOURCE_JSON,
+            checked=self.source != SOURCE_JSON,
         )
         # A chunk's gateway downstream legs follow its other records (see flow_batches).
         return _Result(self.source, [main] if legs is None else [main, legs], bad, samples)

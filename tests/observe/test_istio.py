@@ -260,7 +260,7 @@ def test_flow_batches_hold_the_same_records_as_to_flows() -> None:
     parsed = parse_text(pa.array(lines))
     origin = pa.array([f"t.log:{i + 1}" for i in range(parsed.fields.num_rows)])
     main, legs, rows = istio.flow_batches(
-        parsed.fields, reporter=None, origin=origin, source="istio-text", iso_times=True
+        parsed.fields, reporter=None, origin=origin, source="istio-text", checked=True
     )
     assert legs is not None and legs.num_rows == len(rows) == 3
     assert main.schema == legs.schema == FLOW_SCHEMA
@@ -310,3 +310,31 @@ def test_address_columns_of_empty_strings_do_not_crash() -> None:
 
     ip, port = _address(pa.array(["", "", None], pa.string()))
     assert ip.to_pylist() == [None, None, None] and port.to_pylist() == [None, None, None]
+
+
+def test_numbers_too_large_for_their_column_never_crash() -> None:
+    # Found by feeding an 11-digit status and a 23-digit byte count: Arrow's cast raised.
+    fields = pa.table({
+        "response_code": pa.array(["200", "99999999999", "2147483648", "-"]),
+        "bytes_received": pa.array(["1", "999999999999999999", "9" * 23, "x1"]),
+    })
+    for checked in (False, True):
+        if checked:  # the TEXT parser never hands over the 23-digit value or 'x1'
+            fields = fields.slice(0, 2)
+        status = istio._int(fields.column("response_code").chunk(0), pa.int32(), checked)
+        size = istio._int(fields.column("bytes_received").chunk(0), pa.int64(), checked)
+        assert status.type == pa.int32() and size.type == pa.int64()
+        assert status.to_pylist() == [200, None, None, None][: len(status)]
+        assert size.to_pylist() == [1, 999999999999999999, None, None][: len(size)]
+
+
+def test_text_lines_with_overlong_numbers_are_malformed_not_fatal() -> None:
+    status_11 = OUT_LINE.replace('" 418 ', '" 99999999999 ', 1)
+    bytes_23 = re.sub(r'(" 418 \S+ \S+ \S+ "[^"]*" )(\d+)', r"\g<1>" + "9" * 23, OUT_LINE, count=1)
+    assert status_11 != OUT_LINE and bytes_23 != OUT_LINE
+    parsed = parse_text(pa.array([status_11, bytes_23]))
+    assert parsed.good.tolist() == [True, False]
+    assert "number" in parsed.errors[0][1]
+    batch = to_flows(parsed.fields, reporter=None, origin=pa.array(["t.log:1"]),
+                     source="istio-text", checked=True)
+    assert batch.column("status").to_pylist() == [None]

@@ -61,6 +61,8 @@ def damaged(lines: list[str], seed: int) -> Iterator[str]:
         yield "".join(chars)
         if line.startswith("[") and "]" in line:
             yield "[" + rng.choice(odd_times) + line[line.index("]") :]
+        # Status codes of 18 digits (the most a number may have) and 19.
+        yield re.sub(r'" \d{3} ', '" ' + "1" * rng.choice((18, 19)) + " ", line, count=1)
 
 
 def parse_both(lines: list[str], **kwargs: object) -> tuple[object, object]:
@@ -182,3 +184,24 @@ def test_newlines_equals_numpy() -> None:
     assert got.tolist() == np.flatnonzero(data == 10).tolist()
     with pytest.raises(ValueError, match="too small"):
         envoy_format._textcut.newlines(data, np.empty(3, dtype=np.int64))
+
+
+@pytest.mark.parametrize("extra", ["", "2024-05-14T08:03:00.879Z x", "[pod/a/b] x", '{"a": 1}',
+                                   " indented", "2024", "[2024-05-14"])
+def test_line_classification_equals_numpy(extra: str) -> None:
+    from observe import layouts
+
+    rng = random.Random(len(extra))
+    lines = [x for x in damaged(real_lines(), 3)][:3000]
+    lines += ["", "[", "[2024-05-14T", "[2024-05-1xT", "[pod/", "abcd-"] + [extra] * bool(extra)
+    rng.shuffle(lines)
+    blob = "\n".join(lines).encode()
+    data = np.frombuffer(blob, dtype=np.uint8)
+    ends = np.append(np.flatnonzero(data == 10), len(data)).astype(np.int64)
+    starts = np.append(0, ends[:-1] + 1).astype(np.int64)
+    got = layouts.classify_raw(data, starts, ends)
+    want = layouts._classify_raw_numpy(data, starts, ends)
+    assert (got is None) == (want is None)
+    if got is not None and want is not None:
+        assert got.tolist() == want.tolist()
+        assert 0 < int(got.sum()) < len(lines)
