@@ -139,6 +139,10 @@ def _ip_sort_key(value: str) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
 
 
+#: Edge protocols carried over UDP (packet evidence).
+UDP_PROTOCOLS = ("udp", "dns")
+
+
 def _kind(protocol: str) -> str:
     """'http' for what Istio inspects as HTTP (http, grpc); everything else (tcp, tls
     passthrough, unknown) reaches a TCP filter chain, where HTTP fields void an ALLOW rule."""
@@ -148,7 +152,9 @@ def _kind(protocol: str) -> str:
 def _triples(edge: Edge) -> set[tuple[int, str, str, str]]:
     """(port, kind, method, path) allowances of one edge; kind 'tcp' or 'http'."""
     kind = _kind(edge.protocol)
-    if kind == "tcp" or not edge.operations:
+    # Not itemized: packets showed only part of the requests this edge carried, so the
+    # methods/paths seen are a sample; narrowing to them would break the rest.
+    if kind == "tcp" or not edge.operations or not edge.requests_itemized:
         return {(edge.port, kind, "", "")}
     return {(edge.port, kind, op.method, op.path) for op in edge.operations}
 
@@ -271,6 +277,11 @@ def plan_istio(
 
     by_dest: dict[str, list[Edge]] = defaultdict(list)
     for edge in graph.edges:
+        if edge.protocol in UDP_PROTOCOLS:
+            # Sidecars do not intercept UDP: an AuthorizationPolicy neither allows nor blocks
+            # it, and a TCP rule for its port would allow what was never seen.
+            excluded.append(_excluded(edge, "UDP traffic: Istio policies do not apply to it"))
+            continue
         by_dest[edge.destination].append(edge)
 
     used_names: set[tuple[str, str, str]] = set()
@@ -425,6 +436,10 @@ def _workload_policies(
         if _kind(e.protocol) == "http" and not e.operations:
             notes.append(f"{e.source} -> :{e.port}/{e.protocol}: no method/path recorded; "
                          "the whole port is allowed.")
+        elif _kind(e.protocol) == "http" and not e.requests_itemized:
+            notes.append(f"{e.source} -> :{e.port}/{e.protocol}: packets showed only some of "
+                         "its requests (long or HTTP/2 connections); the whole port is allowed, "
+                         "the methods/paths seen are in graph.json.")
         principal = src.principal if src is not None else None
         if principal and _has_identity_source(e, src):
             entry = principal_src.setdefault(principal, (set(), []))

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from learn.model import EXTERNAL, INTERNET, UNKNOWN, Edge, Graph, Node, Operation
+from observe.schema import FAILED_STATES, KIND_CONNECTION
 
 #: Per-edge cap on remembered client addresses; beyond it the edge is flagged as truncated.
 MAX_SOURCE_IPS = 1024
@@ -40,7 +41,7 @@ MAX_HOSTS = 16
 _COLUMNS = [
     "time", "src_ip", "dst_port", "direction", "reporter", "src_workload", "dst_workload",
     "protocol", "method", "path", "authority", "service_host", "status", "bytes_in",
-    "bytes_out", "mtls", "denied", "origin",
+    "bytes_out", "mtls", "denied", "origin", "kind", "tcp_state", "itemized",
 ]
 
 
@@ -49,8 +50,14 @@ class _EdgeAcc:
     """Mutable per-edge totals while batches stream in."""
 
     requests: int = 0
+    """Records that are requests (proxy log lines, requests seen in packets)."""
+    connections: int = 0
+    """Records that are connections (packet evidence)."""
     bytes: int = 0
     mtls: Counter[str] = field(default_factory=Counter)
+    conn_mtls: Counter[str] = field(default_factory=Counter)
+    not_itemized: int = 0
+    """Connections whose requests may not all have records."""
     denied: int = 0
     operations: Counter[tuple[str, str]] = field(default_factory=Counter)
     classes: Counter[str] = field(default_factory=Counter)
@@ -90,6 +97,9 @@ class GraphBuilder:
         self.records_mirrored = 0
         #: Records with no destination identity at all (not even unknown:<ip>).
         self.records_unattributed = 0
+        #: Connection attempts that never carried traffic (refused, no answer): evidence for
+        #: findings, never traffic to allow.
+        self.records_failed = 0
 
     # -- streaming -------------------------------------------------------------------------
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -100,8 +110,14 @@ class GraphBuilder:
         keep = self._counted_mask(table)
         self.records_mirrored += int(table.num_rows - pc.sum(keep).as_py())
         table = table.filter(keep)
+        if "tcp_state" in table.column_names:
+            failed = pc.fill_null(pc.is_in(table["tcp_state"], pa.array(FAILED_STATES)), False)
+            self.records_failed += int(pc.sum(failed).as_py() or 0)
+            table = table.filter(pc.invert(failed))
         cols = [c for c in _COLUMNS if c in table.column_names]
         frame = table.select(cols).to_pandas()
+        if "kind" not in frame:
+            frame = frame.assign(kind=None, itemized=None)
         unattributed = frame["dst_workload"].isna() | (frame["dst_port"].isna())
         self.records_unattributed += int(unattributed.sum())
         frame = frame[~unattributed]
@@ -119,6 +135,8 @@ class GraphBuilder:
             mtls=frame["mtls"].fillna("unknown"),
             denied=frame["denied"].fillna(False).astype(bool),
             status_class=_status_class(frame["status"]),
+            is_conn=(frame["kind"] == KIND_CONNECTION),
+            not_itemized=frame["itemized"].astype(object).eq(False),
             hour=frame["time"].dt.hour,
             minute=(frame["time"].fillna(_EPOCH).astype("int64") // 60_000_000),
         )
@@ -146,13 +164,16 @@ class GraphBuilder:
                                   *(firsts[k].to_numpy(dtype=object) for k in keys),
                                   strict=True)
         }
-        totals = frame.groupby("_edge", sort=False).agg(
-            requests=("bytes", "size"), bytes=("bytes", "sum"), denied=("denied", "sum"),
-            first=("time", "min"), last=("time", "max"),
+        totals = frame.assign(is_req=~frame["is_conn"]).groupby("_edge", sort=False).agg(
+            requests=("is_req", "sum"), connections=("is_conn", "sum"),
+            not_itemized=("not_itemized", "sum"), bytes=("bytes", "sum"),
+            denied=("denied", "sum"), first=("time", "min"), last=("time", "max"),
         )
         for code, row in zip(totals.index, totals.itertuples(index=False), strict=True):
             acc = accs[int(code)]
             acc.requests += int(row.requests)
+            acc.connections += int(row.connections)
+            acc.not_itemized += int(row.not_itemized)
             acc.bytes += int(row.bytes)
             acc.denied += int(row.denied)
             if pd.isna(row.first):
@@ -160,8 +181,10 @@ class GraphBuilder:
             first, last = row.first.to_pydatetime(), row.last.to_pydatetime()
             acc.first = first if acc.first is None else min(acc.first, first)
             acc.last = last if acc.last is None else max(acc.last, last)
-        for column, target in (("mtls", "mtls"), ("status_class", "classes")):
-            counts = frame.groupby(["_edge", column], sort=False).size()
+        conns, reqs = frame[frame["is_conn"]], frame[~frame["is_conn"]]
+        for part, column, target in ((reqs, "mtls", "mtls"), (conns, "mtls", "conn_mtls"),
+                                     (reqs, "status_class", "classes")):
+            counts = part.groupby(["_edge", column], sort=False).size()
             for (code, value), count in counts.items():
                 getattr(accs[int(code)], target)[str(value)] += int(count)
         timed = frame[frame["time"].notna()]
@@ -196,7 +219,8 @@ class GraphBuilder:
             acc.evidence = heapq.nsmallest(EVIDENCE_SAMPLES, [*acc.evidence, (when, str(origin))])
 
     def _aggregate_operations(self, frame: pd.DataFrame, accs: dict[int, _EdgeAcc]) -> None:
-        http = frame[frame["protocol"].isin(("http", "grpc")) & ~frame["denied"]]
+        http = frame[frame["protocol"].isin(("http", "grpc")) & ~frame["denied"]
+                     & ~frame["is_conn"]]
         if http.empty:
             return
         paths = http["path"].fillna("/")
@@ -286,17 +310,23 @@ class GraphBuilder:
             for (method, path), count in operations.items():
                 collapsed[(method, mapping.get(path, path))] += count
             operations = collapsed
+        # The edge's unit: its requests where records show them, else its connections
+        # (packet evidence of TLS or opaque TCP), like a proxy's one line per TCP stream.
+        units, mtls = (acc.requests, acc.mtls) if acc.requests else (acc.connections,
+                                                                     acc.conn_mtls)
         return Edge(
             source=src,
             destination=dst,
             port=int(port),
             protocol=protocol,
-            requests=acc.requests,
+            requests=units,
+            connections=acc.connections,
+            requests_itemized=acc.not_itemized == 0,
             bytes=acc.bytes,
-            mtls_requests=acc.mtls.get("mtls", 0),
-            plaintext_requests=acc.mtls.get("plaintext", 0),
-            tls_requests=acc.mtls.get("tls", 0),
-            unknown_tls_requests=acc.mtls.get("unknown", 0),
+            mtls_requests=mtls.get("mtls", 0),
+            plaintext_requests=mtls.get("plaintext", 0),
+            tls_requests=mtls.get("tls", 0),
+            unknown_tls_requests=mtls.get("unknown", 0),
             denied_requests=acc.denied,
             operations=[
                 Operation(method=m, path=p, requests=c) for (m, p), c in sorted(operations.items())
@@ -319,8 +349,11 @@ def _merge_acc(a: _EdgeAcc, b: _EdgeAcc) -> _EdgeAcc:
     ips = sorted(a.source_ips | b.source_ips)
     return _EdgeAcc(
         requests=a.requests + b.requests,
+        connections=a.connections + b.connections,
         bytes=a.bytes + b.bytes,
         mtls=a.mtls + b.mtls,
+        conn_mtls=a.conn_mtls + b.conn_mtls,
+        not_itemized=a.not_itemized + b.not_itemized,
         denied=a.denied + b.denied,
         operations=a.operations + b.operations,
         classes=a.classes + b.classes,

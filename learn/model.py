@@ -82,6 +82,11 @@ class Edge:
     """``http``, ``grpc`` or ``tcp``."""
     requests: int = 0
     """Requests (HTTP/gRPC) or connections (TCP) counted once each."""
+    connections: int = 0
+    """TCP connections (UDP flows) seen in packet evidence; 0 when only proxies reported."""
+    requests_itemized: bool = True
+    """False when some connection of this edge carried requests that have no record (its
+    payload was seen only in part): the observed methods/paths may be incomplete."""
     bytes: int = 0
     """Bytes in both directions."""
     mtls_requests: int = 0

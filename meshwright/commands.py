@@ -70,14 +70,31 @@ def _observe_to(
 
 
 def _report_observe(args: argparse.Namespace, stats: ObserveStats) -> None:
-    _say(
-        args,
-        f"meshwright: {stats.files} file(s), {stats.lines:,} lines -> {stats.records:,} flow "
-        f"records; {stats.ignored_lines:,} non-access-log lines ignored, "
-        f"{stats.duplicates:,} duplicates dropped, {stats.malformed:,} malformed",
-    )
+    if stats.lines or not stats.packets:
+        _say(
+            args,
+            f"meshwright: {stats.files} file(s), {stats.lines:,} lines -> {stats.records:,} "
+            f"flow records; {stats.ignored_lines:,} non-access-log lines ignored, "
+            f"{stats.duplicates:,} duplicates dropped, {stats.malformed:,} malformed",
+        )
     for sample in stats.malformed_samples[:5]:
         _say(args, f"  malformed: {sample}")
+    if stats.packets or stats.packets_skipped:
+        skipped = sum(stats.packets_skipped.values())
+        _say(
+            args,
+            f"meshwright: {stats.packets:,} packets -> {stats.connections:,} connections "
+            f"({stats.failed_connections:,} failed attempts), "
+            f"{stats.by_source.get('pcap', 0) - stats.connections:,} requests; "
+            f"{skipped:,} packets not decoded",
+        )
+        for reason, count in sorted(stats.packets_skipped.items()):
+            _say(args, f"  not decoded: {count:,} x {reason}")
+        if stats.not_itemized:
+            _say(args, f"  {stats.not_itemized:,} connections carried more requests than their "
+                       "first bytes show: their edges get port-level rules only")
+    for warning in stats.capture_warnings[:5]:
+        _say(args, f"  capture damage: {warning}")
 
 
 def observe(args: argparse.Namespace) -> int:

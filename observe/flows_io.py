@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from observe.errors import InputError
-from observe.schema import FLOW_SCHEMA, SCHEMA_VERSION, conform
+from observe.schema import ADDED_IN, FLOW_SCHEMA, READABLE_VERSIONS, conform
 
 log = logging.getLogger(__name__)
 
@@ -189,22 +189,30 @@ def _check_schema(pf: pq.ParquetFile, origin: str) -> None:
             origin=origin,
             hint="re-create it with 'meshwright observe --flows-out'",
         )
-    if version.decode() != SCHEMA_VERSION:
+    if version.decode() not in READABLE_VERSIONS:
         raise InputError(
             f"flows file has schema version {version.decode()}, this meshwright reads "
-            f"{SCHEMA_VERSION}",
+            f"{', '.join(READABLE_VERSIONS)}",
             origin=origin,
             hint="re-create it from the original logs with this version",
         )
+    later = _added_after(version.decode())
     for f in FLOW_SCHEMA:
         idx = schema.get_field_index(f.name)
         if idx < 0:
+            if f.name in later:
+                continue  # an older file: read as null
             raise InputError(f"flows file lacks column '{f.name}'", origin=origin)
         if schema.field(idx).type != f.type:
             raise InputError(
                 f"flows column '{f.name}' is {schema.field(idx).type}, expected {f.type}",
                 origin=origin,
             )
+
+
+def _added_after(version: str) -> set[str]:
+    """Fields that versions newer than ``version`` added."""
+    return {name for v, names in ADDED_IN.items() if int(v) > int(version) for name in names}
 
 
 def read_flows(
@@ -228,12 +236,21 @@ def read_flows(
         raise InputError(f"not a readable Parquet file: {exc}", origin=origin) from exc
     with pf:
         _check_schema(pf, origin)
+        present = set(pf.schema_arrow.names)
+        wanted = columns if columns is not None else [f.name for f in FLOW_SCHEMA]
+        readable = [c for c in wanted if c in present]
         try:
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            for batch in pf.iter_batches(batch_size=batch_size, columns=readable):
                 if columns is None:
                     # By name, with the contract schema's field docs and version metadata.
                     yield conform(batch)
-                else:
+                elif len(readable) == len(columns):
                     yield batch.select(columns)
+                else:  # an older file: its missing columns read as null
+                    yield pa.RecordBatch.from_arrays(
+                        [batch.column(c) if c in present else
+                         pa.nulls(batch.num_rows, FLOW_SCHEMA.field(c).type) for c in columns],
+                        names=columns,
+                    )
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"corrupt flows file: {exc}", origin=origin) from exc

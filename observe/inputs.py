@@ -1,8 +1,10 @@
 """Input files: paths, directories, gzip, stdin, content detection, line chunks, dedupe.
 
 Everything is decided from bytes, never from file names: gzip by its magic (``1f 8b``, any
-name), Parquet flows by ``PAR1``, inventories by ``apiVersion``/``kind`` in a JSON or YAML
-head, access logs by the shape of their first lines (see :mod:`observe.layouts`).
+name), zstd by ``28 b5 2f fd``, packet captures by the pcap/pcapng magics
+(:func:`observe.pcap.sniff_capture`), Parquet flows by ``PAR1``, inventories by
+``apiVersion``/``kind`` in a JSON or YAML head, access logs by the shape of their first
+lines (see :mod:`observe.layouts`).
 
 Files are read in chunks of whole lines (:func:`iter_chunks`, at most 64k lines and ~24 MiB
 each), so memory is bounded by the chunks in flight, not the file. A chunk is its read buffer
@@ -44,6 +46,7 @@ from observe import layouts
 from observe.compiled import textcut as _textcut
 from observe.envoy_format import RawLines
 from observe.errors import InputError
+from observe.pcap import sniff_capture
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ BZIP2_MAGIC = b"BZh"
 LOGS = "logs"
 INVENTORY = "inventory"
 FLOWS = "flows"
+CAPTURE = "capture"
 
 # Log layouts detected per file.
 TEXT = "text"
@@ -178,16 +182,66 @@ def open_input(path: Path | str) -> Iterator[tuple[BinaryIO, _Counting]]:
         stream: BinaryIO = buffered
         if magic == GZIP_MAGIC:
             stream = io.BufferedReader(Gunzip(buffered), buffer_size=1 << 16)
+        elif buffered.peek(4)[:4] == ZSTD_MAGIC:
+            stream = io.BufferedReader(Unzstd(buffered), buffer_size=1 << 16)
         yield stream, counting
     finally:
         if path != STDIN:
             raw.close()
 
 
+class Unzstd(io.RawIOBase):
+    """Streaming zstd decompression that keeps what a truncated file holds (like Gunzip).
+
+    Frame by frame (``zstd`` and ``cat a.zst b.zst`` write several); a stream that ends inside
+    a frame sets ``truncated`` after everything decodable was returned.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        import zstandard
+
+        self._zstd = zstandard
+        self._raw = raw
+        self._dec = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._started = False  # input went into the current frame
+        self._done = False
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._pending and not self._done:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                self._done = True
+                self.truncated = self._started and not self._dec.eof
+                break
+            self._feed(chunk)
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            try:
+                self._pending += self._dec.decompress(chunk)
+            except self._zstd.ZstdError as exc:
+                raise OSError(f"corrupt zstd data: {exc}") from exc
+            self._started = True
+            if not self._dec.eof:
+                return
+            chunk = self._dec.unused_data  # the next frame
+            self._dec = self._zstd.ZstdDecompressor().decompressobj()
+            self._started = False
+
+
 def truncated(stream: BinaryIO) -> bool:
-    """True if ``stream`` (from :func:`open_input`) was a gzip cut short."""
+    """True if ``stream`` (from :func:`open_input`) was a gzip or zstd file cut short."""
     raw = getattr(stream, "raw", None)
-    return isinstance(raw, Gunzip) and raw.truncated
+    return isinstance(raw, (Gunzip, Unzstd)) and raw.truncated
 
 
 def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
@@ -195,6 +249,9 @@ def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
     try:
         with open(path, "rb") as fh:
             head = fh.read(size)
+            if head[:4] == ZSTD_MAGIC:
+                fh.seek(0)
+                return _zstd_head(fh, size)
             if head[:2] != GZIP_MAGIC:
                 return head
             fh.seek(0)
@@ -213,12 +270,24 @@ def read_head(path: Path, size: int = HEAD_BYTES) -> bytes:
         raise InputError(f"cannot read: {exc.strerror or exc}", origin=str(path)) from exc
 
 
+def _zstd_head(fh: BinaryIO, size: int) -> bytes:
+    out = bytearray()
+    reader = io.BufferedReader(Unzstd(fh), buffer_size=1 << 16)
+    with contextlib.suppress(OSError):
+        while len(out) < size:
+            block = reader.read(size - len(out))
+            if not block:
+                break
+            out += block
+    return bytes(out)
+
+
 @dataclass(frozen=True)
 class Detected:
     """What a file's head says it is."""
 
     kind: str | None
-    """``logs`` | ``inventory`` | ``flows`` | None (not recognised)."""
+    """``logs`` | ``inventory`` | ``flows`` | ``capture`` | None (not recognised)."""
     layout: str | None = None
     """For logs: ``text`` | ``cri`` | ``envelope``."""
     reason: str = ""
@@ -247,9 +316,12 @@ def detect(head: bytes, *, complete: bool = False, custom_format: bool = False) 
         return Detected(None, reason="empty file")
     if looks_like_parquet(head):
         return Detected(FLOWS)
+    if sniff_capture(head):
+        return Detected(CAPTURE)
     for magic, what in ((ZSTD_MAGIC, "zstd"), (XZ_MAGIC, "xz"), (BZIP2_MAGIC + b"9", "bzip2")):
         if head.startswith(magic):
-            return Detected(None, reason=f"{what}-compressed; decompress it first (gzip is read)")
+            return Detected(
+                None, reason=f"{what}-compressed; decompress it first (gzip and zstd are read)")
     if b"\x00" in head:
         return Detected(None, reason="binary content")
     lines = _head_lines(head, complete)
@@ -274,7 +346,7 @@ def detect(head: bytes, *, complete: bool = False, custom_format: bool = False) 
         return Detected(LOGS, CRI)
     if _looks_like_proxy_log(lines, custom_format=custom_format):
         return Detected(LOGS, TEXT)
-    return Detected(None, reason="not an access log, inventory or flows file")
+    return Detected(None, reason="not an access log, capture, inventory or flows file")
 
 
 def _looks_like_proxy_log(lines: list[str], *, custom_format: bool) -> bool:
@@ -530,8 +602,8 @@ def classify_paths(
                     raise InputError(
                         f"not a recognised input ({det.reason})",
                         origin=str(path),
-                        hint="pass proxy access logs, a kubectl -o json/-o yaml inventory, "
-                        "or a meshwright flows .parquet file",
+                        hint="pass proxy access logs, packet captures (pcap, pcapng), a kubectl "
+                        "-o json/-o yaml inventory, or a meshwright flows .parquet file",
                     )
                 skipped.append((str(path), det.reason))
                 continue

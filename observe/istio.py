@@ -61,7 +61,7 @@ import pyarrow.compute as pc
 
 from observe.compiled import textcut as _textcut
 from observe.envoy_format import MAX_DIGITS, cut_strings
-from observe.schema import FLOW_SCHEMA
+from observe.schema import FLOW_SCHEMA, KIND_REQUEST
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +409,7 @@ def flow_batches(
         "denied_by": denied_by,
         "source": _const(n, source),
         "origin": origin,
+        "kind": _const(n, KIND_REQUEST),
     }
     main = _batch(columns, n)
 

@@ -31,9 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe import envoy_format, istio, layouts
+from observe.capture import SOURCE_PCAP, CaptureMapper, capture_batches
 from observe.errors import InputError
 from observe.flows_io import read_flows
 from observe.inputs import (
+    CAPTURE,
     CRI,
     ENVELOPE,
     FLOWS,
@@ -50,6 +52,7 @@ from observe.inputs import (
     open_input,
     truncated,
 )
+from observe.pcap import CaptureStats
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +95,24 @@ class ObserveStats:
     """Records per ``source`` value."""
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     """``(path, reason)`` of files not (fully) read."""
+    packets: int = 0
+    """IP packets decoded from captures."""
+    packets_skipped: dict[str, int] = field(default_factory=dict)
+    """Capture records not decoded, per reason (non-IP frame, unsupported link type, ...)."""
+    capture_warnings: list[str] = field(default_factory=list)
+    """Damage in captures (truncated records, bad blocks), ``file:packet N: message``."""
+    connections: int = 0
+    """Connection records made from packets."""
+    failed_connections: int = 0
+    """Of those, attempts that never carried traffic (refused, no answer)."""
+    not_itemized: int = 0
+    """Connections whose requests may not all have records (payload seen only in part)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["by_source"] = dict(sorted(self.by_source.items()))
         d["skipped_files"] = [list(s) for s in self.skipped_files]
+        d["packets_skipped"] = dict(sorted(self.packets_skipped.items()))
         return d
 
     def malformed_line(self, origin: str, reason: str, count: int = 1) -> None:
@@ -114,6 +130,8 @@ class InputPlan:
     logs: list[Path | str] = field(default_factory=list)
     inventories: list[Path] = field(default_factory=list)
     flow_files: list[Path] = field(default_factory=list)
+    captures: list[Path] = field(default_factory=list)
+    """Packet captures (pcap, pcapng; gzip or zstd compressed or not)."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     roots: dict[str, Path] = field(default_factory=dict)
     """Log file -> the directory argument it was found under (for path layouts)."""
@@ -142,6 +160,8 @@ def plan_inputs(paths: Sequence[str], *, envoy_format: str | None = None) -> Inp
             plan.inventories.append(Path(path))
         elif det.kind == FLOWS:
             plan.flow_files.append(Path(path))
+        elif det.kind == CAPTURE:
+            plan.captures.append(Path(path))
     return plan
 
 
@@ -233,7 +253,7 @@ class _Reader:
         )
         self.text_source = SOURCE_CUSTOM if self.fmt is not None else SOURCE_TEXT
         self.dedupe = Deduper() if len(plan.logs) > 1 else None
-        self.total = sum(_size(p) for p in [*plan.logs, *plan.flow_files])
+        self.total = sum(_size(p) for p in [*plan.logs, *plan.captures, *plan.flow_files])
         self.done = 0
         self.pool: ThreadPoolExecutor | None = None
         self.pending: deque[Future[_Result]] = deque()
@@ -422,6 +442,39 @@ class _Reader:
                 self.stats.add_records(result.source, batch.num_rows)
                 yield batch
 
+    # -- one packet capture -------------------------------------------------------------
+
+    def read_capture(self, path: Path) -> Iterator[pa.RecordBatch]:
+        name = display(path)
+        self.stats.files += 1
+        cstats = CaptureStats(name)
+        mapper = CaptureMapper(name, SOURCE_PCAP)
+        with open_input(path) as (stream, counter):
+            try:
+                for batch in capture_batches(stream, name, stats=cstats, mapper=mapper):
+                    self.stats.add_records(SOURCE_PCAP, batch.num_rows)
+                    self.progress(counter.count)
+                    yield batch
+            except (EOFError, zlib.error, OSError) as exc:
+                reason = f"read error after packet {cstats.frames}: {exc}"
+                log.warning("%s: %s", name, reason)
+                self.stats.skipped_files.append((name, reason))
+            if truncated(stream):
+                reason = f"compressed data cut short after packet {cstats.frames}"
+                log.warning("%s: %s", name, reason)
+                self.stats.skipped_files.append((name, reason))
+        self.stats.packets += cstats.packets
+        for reason, count in cstats.skipped.items():
+            self.stats.packets_skipped[reason] = self.stats.packets_skipped.get(reason, 0) + count
+        for warning in cstats.warnings:
+            log.warning("%s", warning)
+        self.stats.capture_warnings.extend(cstats.warnings[: MAX_SAMPLES])
+        self.stats.connections += mapper.stats.connections
+        self.stats.failed_connections += mapper.stats.failed
+        self.stats.not_itemized += mapper.stats.not_itemized
+        self.done += _size(path)
+        self.progress()
+
     # -- one flows file -----------------------------------------------------------------
 
     def read_flow_file(self, path: Path) -> Iterator[pa.RecordBatch]:
@@ -473,6 +526,8 @@ def iter_flows(
     finally:
         if reader.pool is not None:
             reader.pool.shutdown(wait=True, cancel_futures=True)
+    for capture in plan.captures:
+        yield from reader.read_capture(capture)
     for path in plan.flow_files:
         yield from reader.read_flow_file(path)
 

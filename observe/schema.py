@@ -21,11 +21,19 @@ import pyarrow as pa
 
 #: Values of the ``mtls`` column.
 MTLS_STATES = ("mtls", "tls", "plaintext", "unknown")
+#: Values of the ``kind`` column (null counts as a request).
+KIND_REQUEST, KIND_CONNECTION = "request", "connection"
+#: ``tcp_state`` values of connections that never carried traffic (failed attempts).
+FAILED_STATES = ("refused", "no-answer")
 #: Values of the ``direction`` column.
 DIRECTIONS = ("inbound", "outbound", "unknown")
 
 #: Schema version written into Parquet metadata; bump on incompatible change.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+#: Fields added by each version after "1": older files lack them and read them as null.
+ADDED_IN = {"2": ("kind", "packets_in", "packets_out", "tcp_state", "tcp_end", "itemized")}
+#: Versions this one reads.
+READABLE_VERSIONS = ("1", *ADDED_IN)
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,24 @@ FIELDS: tuple[Field, ...] = (
     Field("denied_by", pa.string(), "The policy that rejected it, as the proxy named it."),
     Field("source", pa.string(), "Reader that produced it ('istio-text', 'istio-json', ...)."),
     Field("origin", pa.string(), "Evidence location: '<file>:<line>' (or '<file>:packet <n>')."),
+    Field(
+        "kind", pa.string(),
+        "'connection': a transport connection seen below the application (packets, eBPF); "
+        "'request' (or null, as proxies log it): one request, or one proxied TCP stream.",
+    ),
+    Field("packets_in", pa.int64(), "Packets from client to server (packet evidence)."),
+    Field("packets_out", pa.int64(), "Packets from server to client (packet evidence)."),
+    Field(
+        "tcp_state", pa.string(),
+        "Connection setup: 'established', 'refused' (SYN answered by RST), 'no-answer', "
+        "'midstream' (capture began inside it).",
+    ),
+    Field("tcp_end", pa.string(), "How the connection ended: 'fin', 'rst', 'timeout', 'open'."),
+    Field(
+        "itemized", pa.bool_(),
+        "Connections: True when every request it carried has its own record (the payload was "
+        "seen whole); False when requests may be missing.",
+    ),
 )
 
 FLOW_SCHEMA: pa.Schema = pa.schema(

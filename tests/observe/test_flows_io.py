@@ -156,3 +156,31 @@ def test_times_and_durations_are_delta_packed_and_round_trip(tmp_path: Path) -> 
     assert "DELTA_BINARY_PACKED" in encodings["duration_ms"]
     assert "DELTA_BINARY_PACKED" not in encodings["status"]
     assert pa.Table.from_batches(list(read_flows(path))).equals(pa.Table.from_batches(batches))
+
+
+def test_version_1_files_read_with_the_fields_added_since_as_null(tmp_path: Path) -> None:
+    from observe.schema import ADDED_IN
+
+    added = ADDED_IN["2"]
+    v1 = pa.Table.from_batches([batch(3)]).drop_columns(list(added))
+    path = tmp_path / "v1.parquet"
+    pq.write_table(v1.replace_schema_metadata({"meshwright.schema_version": "1"}), path)
+    rows = pa.Table.from_batches(list(read_flows(path)))
+    assert rows.schema == FLOW_SCHEMA
+    assert rows.column("path").to_pylist() == ["/status/418", "/status/419", "/status/420"]
+    for name in added:
+        assert rows.column(name).null_count == 3
+    picked = pa.Table.from_batches(list(read_flows(path, columns=["kind", "path"])))
+    assert picked.column_names == ["kind", "path"]
+    assert picked.column("kind").null_count == 3
+    # A version 1 file must still hold every version 1 column.
+    lacking = tmp_path / "v1-lacking.parquet"
+    pq.write_table(v1.drop_columns(["origin"]).replace_schema_metadata(
+        {"meshwright.schema_version": "1"}), lacking)
+    with pytest.raises(InputError, match="lacks column 'origin'"):
+        list(read_flows(lacking))
+    # A version 2 file must hold the version 2 columns.
+    v2_lacking = tmp_path / "v2-lacking.parquet"
+    pq.write_table(v1, v2_lacking)
+    with pytest.raises(InputError, match="lacks column 'kind'"):
+        list(read_flows(v2_lacking))

@@ -319,7 +319,7 @@ def test_plan_sorts_by_content(tmp_path: Path) -> None:
     assert plan.inventories == [tmp_path / "inv" / "bookinfo.txt"]
     assert plan.flow_files == [tmp_path / "old.data"]
     assert plan.skipped == [  # walk order: sorted names, files before subdirectories
-        (str(tmp_path / "README"), "not an access log, inventory or flows file"),
+        (str(tmp_path / "README"), "not an access log, capture, inventory or flows file"),
         (str(tmp_path / "core"), "binary content"),
     ]
     stats = ObserveStats()
