@@ -114,6 +114,22 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
         ["findings", sev_text],
         ["manifests proposed", len(manifests)],
     ])
+    if stats.get("packets") or stats.get("connections"):
+        lines += ["", "Packet evidence:", ""]
+        skipped = stats.get("packets_skipped") or {}
+        lines += _table(["what", "value"], [
+            ["packets decoded", stats.get("packets", 0)],
+            ["packets not decoded", sum(skipped.values())],
+            ["connections", stats.get("connections", 0)],
+            ["failed attempts (refused, unanswered; kept out of the graph and the policies)",
+             stats.get("records_failed", 0)],
+            ["connections with only part of their requests seen (their edges get port-level "
+             "rules)", stats.get("not_itemized", 0)],
+        ])
+        for reason in sorted(skipped):
+            lines.append(f"- not decoded: {skipped[reason]} x {_cell(reason)}")
+        for warning in stats.get("capture_warnings") or []:
+            lines.append(f"- capture damage: {_cell(str(warning))}")
     by_source = stats.get("by_source") or {}
     if by_source:
         lines += ["", "Records by source:", ""]

@@ -33,7 +33,7 @@ class Learned:
     graph: Graph
     stats: dict[str, int] = field(default_factory=dict)
     """records_counted, records_mirrored (client copies of server-logged requests),
-    records_unattributed."""
+    records_unattributed, records_failed (connection attempts that carried no traffic)."""
 
 
 def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "cluster.local",
@@ -76,4 +76,5 @@ def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "clust
         "records_counted": builder.records_counted,
         "records_mirrored": builder.records_mirrored,
         "records_unattributed": builder.records_unattributed,
+        "records_failed": builder.records_failed,
     })

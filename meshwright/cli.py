@@ -40,18 +40,22 @@ report.md, flows.parquet.  Exit codes: 0 ok, 2 usage, 3 bad input, 4 no flows fo
 EPILOG_OBSERVE = """\
 examples:
   meshwright observe dump/ -o flows.parquet
+  meshwright observe node-a.pcap node-b.pcapng.zst -o flows.parquet
   zcat istio-proxy.log.gz | meshwright observe - -o flows.parquet
   meshwright observe app.log --envoy-format '[%START_TIME%] %REQ(:METHOD)% ...' -o flows.parquet
+  meshwright observe --iface any --bpf 'tcp or udp port 53' --duration 600 -o flows.parquet
+      live capture (root or CAP_NET_RAW); Ctrl-C or SIGTERM stops it and keeps what was seen
 
 Later: meshwright analyze flows.parquet --inventory cluster.json -o out/
 """
 
 
-def _add_input_options(parser: argparse.ArgumentParser) -> None:
+def _add_input_options(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT",
-        help="log files, directories (walked recursively), flow files, inventory dumps, "
-        "or - for stdin; recognised by content (plain/gzip; kubectl logs, CRI, shipper JSON)",
+        "inputs", nargs="*" if optional else "+", metavar="INPUT",
+        help="log files, packet captures (pcap, pcapng), directories (walked recursively), "
+        "flow files, inventory dumps, or - for stdin; recognised by content (plain, gzip or "
+        "zstd; kubectl logs, CRI, shipper JSON)",
     )
     parser.add_argument(
         "--envoy-format", metavar="FORMAT",
@@ -123,11 +127,44 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_OBSERVE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_input_options(observe)
+    _add_input_options(observe, optional=True)
     observe.add_argument(
         "-o", "--output", required=True, metavar="FLOWS", help="Parquet file to write"
     )
+    live = observe.add_argument_group("live capture (instead of INPUT files)")
+    live.add_argument("--iface", metavar="IFACE",
+                      help="capture on this network interface, or 'any' (all of them)")
+    live.add_argument("--bpf", metavar="FILTER",
+                      help="tcpdump filter expression applied in the kernel, e.g. 'tcp'")
+    live.add_argument("--duration", type=_positive_float, metavar="S",
+                      help="stop after S seconds (default: until Ctrl-C / SIGTERM)")
+    live.add_argument("--count", type=_positive_int, metavar="N",
+                      help="stop after N packets")
+    live.add_argument("--flush-every", type=_positive_float, default=5.0, metavar="S",
+                      help="hand captured packets to the tracker every S seconds (default 5)")
+    live.add_argument("--save", metavar="PCAP",
+                      help="also write the captured packets to this pcap file")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -102,12 +102,62 @@ def observe(args: argparse.Namespace) -> int:
     if target.is_dir():
         raise UsageError(f"{target} is a directory; -o names the Parquet file to write",
                          hint="e.g. -o flows.parquet")
+    live_only = ("bpf", "duration", "count", "save")
+    if args.iface is None:
+        given = [f"--{name}" for name in live_only if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to a live capture",
+                             hint="add --iface IFACE (or 'any')")
+        if not args.inputs:
+            raise UsageError("nothing to observe: give INPUT files or --iface IFACE",
+                             hint="meshwright observe dump/ -o flows.parquet")
+    elif args.inputs:
+        raise UsageError("give either INPUT files or --iface, not both",
+                         hint="capture first (--save), then observe the files together")
+    else:
+        return _observe_live(args, target)
     stats = _observe_to(
         args, plan_inputs(list(args.inputs), envoy_format=args.envoy_format), target, frozenset()
     )
     _report_observe(args, stats)
     _say(args, f"meshwright: wrote {target}")
     return EXIT_OK if stats.records else EXIT_NO_FLOWS
+
+
+def _observe_live(args: argparse.Namespace, target: Path) -> int:
+    import threading
+    from contextlib import ExitStack
+
+    from observe.capture import live_batches
+    from observe.live import capture_live, stop_on_signals
+
+    stop = threading.Event()
+    with ExitStack() as stack:
+        save = stack.enter_context(open(args.save, "wb")) if args.save else None
+        chunks = capture_live(args.iface, bpf=args.bpf, duration_s=args.duration,
+                              count=args.count, flush_every_s=args.flush_every, stop=stop,
+                              save=save)
+        stack.enter_context(stop_on_signals(stop))
+        _say(args, f"meshwright: capturing on {args.iface}"
+                   + (f" ({args.bpf})" if args.bpf else "")
+                   + "; Ctrl-C or SIGTERM stops and keeps what was captured")
+        run = live_batches(chunks, f"live:{args.iface}")
+        with FlowWriter(target) as writer:
+            for batch in run:
+                writer.write(batch)
+                if not args.quiet and not args.no_progress and sys.stderr.isatty():
+                    print(f"\rcapturing: {run.stats.packets:,} packets, "
+                          f"{run.stats.connections:,} connections", end="", file=sys.stderr)
+        if not args.quiet and not args.no_progress and sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr)
+    live = run.live
+    _say(args, f"meshwright: captured {live.captured if live else 0:,} packets"
+               + (f" ({live.kernel_dropped:,} dropped by the kernel: queue full)"
+                  if live and live.kernel_dropped else "")
+               + f" -> {run.stats.connections:,} connections "
+               f"({run.stats.failed:,} failed attempts), {run.stats.requests:,} requests")
+    _say(args, f"meshwright: wrote {target}")
+    return EXIT_OK if run.stats.connections else EXIT_NO_FLOWS
 
 
 def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:

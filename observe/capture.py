@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ from observe import payload
 from observe.conntrack import ConnectionTracker, TrackerOutput
 from observe.pcap import CaptureStats, read_packets
 from observe.schema import KIND_CONNECTION, KIND_REQUEST, conform
+
+if TYPE_CHECKING:
+    from observe.live import LiveChunk, LiveStats
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +294,38 @@ def capture_batches(
     rest = tracker.finish()
     if rest.connections.num_rows:
         yield mapper.records(rest)
+
+
+class LiveRun:
+    """Flow records of a live capture as it runs (iterate once); ``stats`` grow meanwhile."""
+
+    def __init__(self, chunks: Iterator[LiveChunk], name: str,
+                 tracker: ConnectionTracker | None = None):
+        self.chunks = chunks
+        self.mapper = CaptureMapper(name, SOURCE_LIVE)
+        self.tracker = tracker or ConnectionTracker()
+        self.live: LiveStats | None = None
+
+    @property
+    def stats(self) -> CaptureFlowStats:
+        return self.mapper.stats
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        for chunk in self.chunks:
+            self.live = chunk.stats
+            for batch in chunk.batches:
+                self.mapper.stats.packets += len(batch)
+                self.tracker.update(batch)
+            # Connections idle past the tracker's timeout (by the kernel's clock) are done.
+            out = self.tracker.finish() if chunk.final else self.tracker.flush(chunk.now_ns)
+            if out.connections.num_rows:
+                yield self.mapper.records(out)
+
+
+def live_batches(chunks: Iterator[LiveChunk], name: str) -> LiveRun:
+    """Flow records from :func:`observe.live.capture_live` chunks; the final chunk (after a
+    stop, a signal included) emits every connection still open."""
+    return LiveRun(chunks, name)
 
 
 def frame_numbers(origins: pa.Array) -> np.ndarray:
