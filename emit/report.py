@@ -90,6 +90,8 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
              stats: dict[str, Any]) -> list[str]:
     total = sum(e.requests for e in graph.edges)
     mtls = sum(e.mtls_requests for e in graph.edges)
+    connections = sum(e.connections for e in graph.edges)
+    conn_mtls = sum(e.mtls_connections for e in graph.edges)
     workloads = [n for n in graph.nodes.values() if n.workload]
     sev = Counter(f.severity for f in findings)
     sev_text = ", ".join(f"{s}: {sev[s]}" for s in sorted(sev, key=lambda s: (
@@ -111,6 +113,9 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
         ["edges", len(graph.edges)],
         ["requests/connections", total],
         ["mTLS coverage", f"{_pct(mtls, total)} of requests"],
+        *([["mTLS coverage of connections (packet evidence)",
+            f"{_pct(conn_mtls, connections)} of {connections} connections"]]
+          if connections else []),
         ["findings", sev_text],
         ["manifests proposed", len(manifests)],
     ])

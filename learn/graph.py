@@ -321,6 +321,7 @@ class GraphBuilder:
             protocol=protocol,
             requests=units,
             connections=acc.connections,
+            mtls_connections=acc.conn_mtls.get("mtls", 0),
             requests_itemized=acc.not_itemized == 0,
             bytes=acc.bytes,
             mtls_requests=mtls.get("mtls", 0),

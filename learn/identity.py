@@ -271,6 +271,19 @@ class IdentityResolver:
                 self._service_rows(named, rows, dst_workload, dst_pod, col("dst_principal"))
             elif self._external_name(str(host)):
                 dst_workload[rows] = f"{EXTERNAL}:{host}"
+        # An address no pod lifetime explains (say a pod deleted before the inventory was
+        # taken) on a record that names the Service it was sent to (Istio's mTLS SNI, the
+        # upstream cluster): the endpoint belongs to that Service, so its one workload;
+        # several: ``service:<ns>/<name>`` as for a VIP.
+        lost = np.array([isinstance(w, str) and w.startswith(f"{UNKNOWN}:")
+                         for w in dst_workload.tolist()], dtype=bool) if n else (
+            np.zeros(0, dtype=bool))
+        lost &= ~_isnull(ctx.host)
+        for host in _unique(ctx.host[lost]):
+            named = self._service_by_host(str(host))
+            if named is not None:
+                rows = np.flatnonzero(lost & (ctx.host == host))
+                self._service_rows(named, rows, dst_workload, dst_pod, col("dst_principal"))
         missing = _isnull(dst_workload) & _isnull(dst_ips)
         if missing.any():
             for row in np.flatnonzero(missing):

@@ -84,6 +84,8 @@ class Edge:
     """Requests (HTTP/gRPC) or connections (TCP) counted once each."""
     connections: int = 0
     """TCP connections (UDP flows) seen in packet evidence; 0 when only proxies reported."""
+    mtls_connections: int = 0
+    """Of ``connections``, those that carried mTLS."""
     requests_itemized: bool = True
     """False when some connection of this edge carried requests that have no record (its
     payload was seen only in part): the observed methods/paths may be incomplete."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from observe import payload
 from observe.conntrack import ConnectionTracker, TrackerOutput
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 SOURCE_PCAP = "pcap"
 SOURCE_LIVE = "live"
+#: A connection silent this long is over. Envoy keeps idle pooled upstream connections for up
+#: to an hour (its default idle_timeout): splitting one earlier would make its continuation
+#: look like a new connection whose handshake was never seen.
+IDLE_TIMEOUT_S = 3600.0
 
 # Istio's mTLS SNI: outbound_.<port>_.<subset>_.<service FQDN> (pilot's BuildDNSSrvSubsetKey).
 _ISTIO_SNI = re.compile(r"^outbound_\.\d+_\.[^.]*_\.(?P<host>.+)$")
@@ -113,17 +118,20 @@ class CaptureMapper:
         self.stats = CaptureFlowStats()
 
     def records(self, out: TrackerOutput) -> pa.RecordBatch:
-        """Flow records (FLOW_SCHEMA) for one tracker output, in connection order."""
+        """Flow records (FLOW_SCHEMA) for one tracker output: its connections, then the
+        HTTP/1 requests (vectorized over every packet that starts a message), then the
+        HTTP/2 and gRPC requests of the connections' first bytes."""
         conns = out.connections
         n = conns.num_rows
         if n == 0:
             return conform(pa.table({"kind": pa.array([], pa.string())}))
-        http = _http_by_connection(out.http)
         cols = {c: conns.column(c).to_pylist() for c in (
             "conn_id", "transport", "client_ip", "client_port", "server_ip", "server_port",
             "first_ts_ns", "last_ts_ns", "first_frame", "packets_c2s", "packets_s2c",
             "payload_c2s", "payload_s2c", "state", "ended", "client_head", "server_head",
         )}
+        h1 = _http1_requests(out.http)
+        with_h1 = set(h1.conn_ids.tolist())
         # Names first: a DNS answer in this output names the connections after it.
         infos: list[payload.StreamInfo] = []
         for i in range(n):
@@ -136,23 +144,24 @@ class CaptureMapper:
             else:
                 info = payload.classify_stream(client, server, server_port=cols["server_port"][i],
                                                origin=origin)
+            if cols["conn_id"][i] in with_h1 and info.protocol in (payload.PROTO_TCP,
+                                                                   payload.PROTO_HTTP):
+                # HTTP/1 message starts in the packets, even where the head was too short
+                # to tell: cleartext HTTP.
+                info.protocol, info.mtls = payload.PROTO_HTTP, payload.PLAINTEXT
             if info.notes:
                 self.stats.classify_notes += 1
             self.stats.dns_names += self.dns.learn(info)
             infos.append(info)
 
         rows: dict[str, list[object]] = {k: [] for k in _ROW_KEYS}
+        h2_rows: dict[str, list[object]] = {k: [] for k in _ROW_KEYS}
+        conn_host: dict[int, str | None] = {}
         for i, info in enumerate(infos):
             conn_id = cols["conn_id"][i]
             transport = cols["transport"][i]
             state = cols["state"][i]
-            messages = http.get(conn_id)
-            if messages and info.protocol in (payload.PROTO_TCP, payload.PROTO_HTTP):
-                # HTTP/1 message starts in the packets, even where the head was too short to
-                # tell: cleartext HTTP.
-                info.protocol, info.mtls = payload.PROTO_HTTP, payload.PLAINTEXT
             protocol = _APP_PROTOCOL.get(info.protocol, "udp" if transport == "udp" else "tcp")
-            requests, from_packets = _requests(info, messages)
             client_head = cols["client_head"][i] or b""
             whole = (cols["payload_c2s"][i] or 0) <= len(client_head)
             itemized = whole if protocol in ("http", "grpc") else None
@@ -164,7 +173,13 @@ class CaptureMapper:
                 "transport": transport, "mtls": info.mtls, "sni": info.sni,
                 "source": self.source, "denied": False,
             }
-            first_request = next((r for r in requests if r.method), None)
+            # HTTP/1 connections take their requests from the packets (below); the head's
+            # requests serve HTTP/2 and gRPC.
+            head_requests = [] if conn_id in with_h1 else [r for r in info.requests if r.method]
+            first_request = head_requests[0] if head_requests else (
+                info.requests[0] if info.requests else None)
+            host = _service_host(info, first_request, cols["server_ip"][i], self.dns)
+            conn_host[conn_id] = None if first_request is not None else host
             self._add(rows, {
                 **common,
                 "kind": KIND_CONNECTION,
@@ -172,8 +187,7 @@ class CaptureMapper:
                 "duration_ms": (last_ts - first_ts) // 1_000_000,
                 "protocol": protocol,
                 "http_version": _http_version(info, first_request),
-                "service_host": _service_host(info, first_request, cols["server_ip"][i],
-                                              self.dns),
+                "service_host": host,
                 "bytes_in": cols["payload_c2s"][i], "bytes_out": cols["payload_s2c"][i],
                 "packets_in": cols["packets_c2s"][i], "packets_out": cols["packets_s2c"][i],
                 "tcp_state": state if transport == "tcp" else None,
@@ -186,23 +200,66 @@ class CaptureMapper:
                 self.stats.failed += 1
             if itemized is False:
                 self.stats.not_itemized += 1
-            for req, (frame, ts) in zip(requests, from_packets, strict=True):
-                if not req.method:
-                    continue  # a response whose request the capture missed
-                self._add(rows, {
+            for req in head_requests:
+                self._add(h2_rows, {
                     **common,
                     "kind": KIND_REQUEST,
-                    "time": (ts if ts is not None else first_ts) // 1000,
+                    "time": first_ts // 1000,
                     "protocol": "grpc" if req.grpc_service else protocol,
                     "http_version": _http_version(info, req),
                     "service_host": _service_host(info, req, cols["server_ip"][i], self.dns),
                     "method": req.method, "path": req.path, "authority": req.authority,
                     "status": req.status,
-                    "user_agent": None,
-                    "origin": f"{self.name}:packet {frame or cols['first_frame'][i]}",
+                    "origin": f"{self.name}:packet {cols['first_frame'][i]}",
                 })
-                self.stats.requests += 1
-        return _batch(rows)
+        parts = [_batch(rows)]
+        if len(h1.conn_ids):
+            parts.append(self._http1_batch(h1, conns, conn_host))
+        if h2_rows["time"]:
+            parts.append(_batch(h2_rows))
+        for part in parts[1:]:
+            self.stats.requests += part.num_rows
+        return parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+
+    def _http1_batch(self, h1: _Http1, conns: pa.Table, hosts: dict[int, str | None]
+                     ) -> pa.RecordBatch:
+        """Request records for the HTTP/1 requests ``h1`` found, with their connection's
+        endpoints."""
+        ids = conns.column("conn_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        row = order[np.searchsorted(ids, h1.conn_ids, sorter=order)]
+        take = pa.array(row)
+        m = len(row)
+        authority = h1.host
+        bare = pc.replace_substring_regex(authority, r"^\[([^\]]*)\](?::\d+)?$", r"\1")
+        bare = pc.replace_substring_regex(bare, r"^([^:\[\]]+):\d+$", r"\1")
+        fallback = pa.array([hosts.get(int(c)) for c in h1.conn_ids.tolist()], pa.string())
+        table = {
+            "time": pa.array(h1.ts_ns // 1000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "src_ip": conns.column("client_ip").take(take),
+            "src_port": conns.column("client_port").take(take),
+            "dst_ip": conns.column("server_ip").take(take),
+            "dst_port": conns.column("server_port").take(take),
+            "dialed_ip": conns.column("server_ip").take(take),
+            "dialed_port": conns.column("server_port").take(take),
+            "service_host": pc.coalesce(bare, fallback),
+            "transport": pa.repeat(pa.scalar("tcp"), m),
+            "protocol": pa.repeat(pa.scalar("http"), m),
+            "http_version": h1.version,
+            "method": h1.method,
+            "path": h1.path,
+            "authority": authority,
+            "status": h1.status,
+            "mtls": pa.repeat(pa.scalar(payload.PLAINTEXT), m),
+            "denied": h1.denied,
+            "denied_by": pc.if_else(h1.denied, pa.scalar("rbac"), pa.scalar(None, pa.string())),
+            "source": pa.repeat(pa.scalar(self.source), m),
+            "origin": pc.binary_join_element_wise(
+                pa.scalar(f"{self.name}:packet "), pc.cast(pa.array(h1.frames), pa.string()),
+                ""),
+            "kind": pa.repeat(pa.scalar(KIND_REQUEST), m),
+        }
+        return conform(pa.table(table))
 
     @staticmethod
     def _add(rows: dict[str, list[object]], row: dict[str, object]) -> None:
@@ -214,7 +271,8 @@ _ROW_KEYS = (
     "time", "duration_ms", "src_ip", "src_port", "dst_ip", "dst_port", "dialed_ip",
     "dialed_port", "service_host", "transport", "protocol", "http_version", "method", "path",
     "authority", "status", "bytes_in", "bytes_out", "mtls", "sni", "user_agent", "source",
-    "origin", "denied", "kind", "packets_in", "packets_out", "tcp_state", "tcp_end", "itemized",
+    "origin", "denied", "denied_by", "kind", "packets_in", "packets_out", "tcp_state",
+    "tcp_end", "itemized",
 )
 
 
@@ -234,47 +292,107 @@ def _http_version(info: payload.StreamInfo, req: payload.HttpRequest | None) -> 
     return None
 
 
-def _http_by_connection(http: pa.Table) -> dict[int, list[tuple[int, int, bool, bytes]]]:
-    """HTTP/1 message starts per connection: (frame, ts_ns, from client, data), in order."""
-    out: dict[int, list[tuple[int, int, bool, bytes]]] = {}
-    if http.num_rows == 0:
-        return out
-    for conn, frame, ts, direction, data in zip(
-        http.column("conn_id").to_pylist(), http.column("frame").to_pylist(),
-        http.column("ts_ns").to_pylist(), http.column("direction").to_pylist(),
-        http.column("data").to_pylist(), strict=True,
-    ):
-        out.setdefault(conn, []).append((frame, ts, direction == "c2s", data))
-    return out
+# Request and status lines and the Host header, as parse_http1_message reads them.
+_REQUEST_RE = (r"^(?P<method>[A-Z][A-Z0-9_-]{0,31}) (?P<target>[^ \r\n]+) "
+               r"(?P<version>HTTP/1\.[01])\r?\n")
+_STATUS_RE = r"^(?P<version>HTTP/1\.[01]) (?P<status>\d{3})"
+# Header lines are non-empty: the lazy repetition cannot step over the blank line that ends them.
+_HOST_RE = r"(?i)^[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*?host[ \t]*:[ \t]*(?P<host>[^\r\n]*?)[ \t]*\r?\n"
+#: The body Envoy's RBAC filter answers a denied request with (HTTP 403).
+RBAC_DENIED_BODY = "RBAC: access denied"
 
 
-def _requests(
-    info: payload.StreamInfo, messages: list[tuple[int, int, bool, bytes]] | None
-) -> tuple[list[payload.HttpRequest], list[tuple[int | None, int | None]]]:
-    """The connection's requests and, per request, (frame, ts_ns) of the packet it began in.
+@dataclass
+class _Http1:
+    """HTTP/1 requests found in message-start packets, in (connection, frame) order."""
 
-    HTTP/1 requests come from every packet that starts a message (all of a keep-alive
-    connection's, not only those in its first bytes); HTTP/2 and gRPC from the head.
+    conn_ids: np.ndarray
+    frames: np.ndarray
+    ts_ns: np.ndarray
+    method: pa.Array
+    path: pa.Array
+    version: pa.Array
+    host: pa.Array
+    status: pa.Array
+    """The paired response's status (final responses pair with requests in order)."""
+    denied: pa.Array
+    """The response was Envoy's RBAC denial (403, body 'RBAC: access denied')."""
+
+
+def _text(col: pa.Array) -> pa.Array:
+    """Binary regex groups as strings (invalid UTF-8 replaced: paths are not always UTF-8)."""
+    try:
+        return col.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if v is None else v.decode("utf-8", "replace")
+                         for v in col.to_pylist()], pa.string())
+
+
+def _ranks(groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of ``groups`` (already sorted)."""
+    n = len(groups)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.arange(n) - first
+
+
+def _http1_requests(http: pa.Table) -> _Http1:
+    """Requests of every HTTP/1 message-start packet, vectorized, with paired statuses.
+
+    Pipelining rule (RFC 9112): the k-th final response (>= 200, or 101) of a connection
+    answers its k-th request; interim 1xx responses answer nothing.
     """
-    if info.protocol == payload.PROTO_HTTP and messages:
-        parsed: list[tuple[bool, payload.Http1Message]] = []
-        where: list[tuple[int, int]] = []
-        for frame, ts, from_client, data in messages:
-            msg = payload.parse_http1_message(data)
-            if msg is None:
-                continue
-            parsed.append((from_client, msg))
-            if msg.is_request and from_client:
-                where.append((frame, ts))
-        paired = payload.pair_http1(parsed)
-        # pair_http1 keeps requests in order and appends status-only entries for responses
-        # without a request; map frames onto the request entries in order.
-        frames: list[tuple[int | None, int | None]] = []
-        it = iter(where)
-        for req in paired:
-            frames.append(next(it, (None, None)) if req.method else (None, None))
-        return paired, frames
-    return list(info.requests), [(None, None)] * len(info.requests)
+    empty = np.zeros(0, dtype=np.int64)
+    none = pa.array([], pa.string())
+    if http.num_rows == 0:
+        return _Http1(empty, empty, empty, none, none, none, none, pa.array([], pa.int32()),
+                      pa.array([], pa.bool_()))
+    conn = http.column("conn_id").to_numpy()
+    frame = http.column("frame").to_numpy()
+    order = np.lexsort((frame, conn))
+    http = http.take(pa.array(order))
+    conn, frame = conn[order], frame[order]
+    data = http.column("data").combine_chunks()
+    c2s = pc.equal(http.column("direction"), "c2s").combine_chunks()
+    req = pc.extract_regex(data, _REQUEST_RE)
+    is_req = pc.fill_null(pc.and_(req.is_valid(), c2s), False).to_numpy(zero_copy_only=False)
+    resp = pc.extract_regex(data, _STATUS_RE)
+    status_all = pc.cast(pc.struct_field(resp, "status").cast(pa.string()), pa.int32())
+    final = pc.and_(pc.or_(pc.greater_equal(status_all, 200), pc.equal(status_all, 101)),
+                    pc.invert(c2s))
+    is_final = pc.fill_null(pc.and_(resp.is_valid(), final), False).to_numpy(
+        zero_copy_only=False)
+    req_idx, resp_idx = np.flatnonzero(is_req), np.flatnonzero(is_final)
+    req_rank, resp_rank = _ranks(conn[req_idx]), _ranks(conn[resp_idx])
+    # Pair (conn, rank) of requests with (conn, rank) of final responses.
+    req_key = conn[req_idx].astype(np.int64) * (1 << 32) + req_rank
+    resp_key = conn[resp_idx].astype(np.int64) * (1 << 32) + resp_rank
+    pos = np.searchsorted(resp_key, req_key)
+    pos_c = np.minimum(pos, max(len(resp_key) - 1, 0))
+    paired = (pos < len(resp_key)) & (resp_key[pos_c] == req_key) if len(resp_key) else \
+        np.zeros(len(req_key), dtype=bool)
+    partner = np.where(paired, resp_idx[pos_c] if len(resp_idx) else 0, -1)
+    take_req = pa.array(req_idx)
+    statuses = status_all.take(pa.array(np.where(paired, partner, 0)))
+    status = pc.if_else(pa.array(paired), statuses, pa.scalar(None, pa.int32()))
+    rbac = pc.fill_null(pc.and_(pc.equal(status_all, 403),
+                                pc.match_substring(data, RBAC_DENIED_BODY)), False)
+    denied = pc.and_(pa.array(paired), rbac.take(pa.array(np.where(paired, partner, 0))))
+    fields = req.take(take_req)
+    host = pc.struct_field(pc.extract_regex(data.take(take_req), _HOST_RE), "host")
+    host_ok = pc.fill_null(pc.greater(pc.binary_length(host), 0), False)
+    return _Http1(
+        conn_ids=conn[req_idx], frames=frame[req_idx],
+        ts_ns=http.column("ts_ns").to_numpy()[req_idx],
+        method=_text(pc.struct_field(fields, "method")),
+        path=_text(pc.struct_field(fields, "target")),
+        version=_text(pc.struct_field(fields, "version")),
+        host=pc.if_else(host_ok, _text(host), pa.scalar(None, pa.string())),
+        status=status,
+        denied=denied,
+    )
 
 
 def capture_batches(
@@ -284,7 +402,7 @@ def capture_batches(
     """Flow records of one capture file, streamed: connections are emitted as they end."""
     stats = stats if stats is not None else CaptureStats(name)
     mapper = mapper or CaptureMapper(name, source)
-    tracker = tracker or ConnectionTracker()
+    tracker = tracker or ConnectionTracker(idle_timeout_s=IDLE_TIMEOUT_S)
     for batch in read_packets(stream, name, stats=stats):
         mapper.stats.packets += len(batch)
         tracker.update(batch)
@@ -303,7 +421,7 @@ class LiveRun:
                  tracker: ConnectionTracker | None = None):
         self.chunks = chunks
         self.mapper = CaptureMapper(name, SOURCE_LIVE)
-        self.tracker = tracker or ConnectionTracker()
+        self.tracker = tracker or ConnectionTracker(idle_timeout_s=IDLE_TIMEOUT_S)
         self.live: LiveStats | None = None
 
     @property

@@ -4,8 +4,9 @@ Packets are keyed by their 5-tuple with the endpoints in a canonical order (A = 
 (address, port)); each batch is sorted by (key, frame) once and aggregated per connection
 with numpy (``bincount`` over a connection slot index). Python runs once per connection per
 batch (a dict lookup), and a short loop per connection only where a pure SYN or a long
-silence may split it; per-packet Python work is limited to payload bytes that may still land
-in a direction's first ``head_bytes`` and to packets that start an HTTP/1 message.
+silence may split it; there is no per-packet Python: payload bytes that may still land in a
+direction's first ``head_bytes`` and HTTP/1 message starts are found and copied in one
+gather per batch (in C with the compiled kernel ``observe/_pcapcut.c``, else numpy).
 
 Rules (what a row is, how a side is the client):
 
@@ -38,30 +39,53 @@ Rules (what a row is, how a side is the client):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from observe import pcap as _pcap
+from observe.compiled import pcapcut
 from observe.pcap import ACK, FIN, RST, SYN, TUNNEL_NAMES, PacketBatch, addr_text
 
 #: Bytes of each HTTP/1 message start kept in the ``http`` table.
 HTTP_HEAD = 2048
+#: Default ``head_bytes``: payload kept per direction of a connection, reassembled. 4 KiB
+#: holds a TLS ClientHello (typically 250-600 bytes; 1.5-2 KiB with post-quantum key shares)
+#: and a ServerHello (its certificate, which follows, is cut), an HTTP/1 request line with
+#: its headers, and an HTTP/2 preface with the first HEADERS frames. What it loses: request
+#: headers or HTTP/2 HEADERS beyond the first 4 KiB (e.g. big cookies or JWTs), and
+#: certificates. Each extra KiB costs up to 2 KiB of memory per live connection.
+HEAD_BYTES = 4096
 _HTTP_TOKENS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ",
                 b"CONNECT ", b"TRACE ", b"HTTP/1.")
 _U32 = 1 << 32
-_HTTP_PREFIX4 = np.array(sorted({int.from_bytes(t[:4], "big") for t in _HTTP_TOKENS}),
-                         dtype=np.int64)
 
 
-def _be32(buf: np.ndarray, off: np.ndarray) -> np.ndarray:
-    return ((buf[off].astype(np.int64) << 24) | (buf[off + 1].astype(np.int64) << 16)
-            | (buf[off + 2].astype(np.int64) << 8) | buf[off + 3])
+def _starts_with(buf: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                 tokens: tuple[bytes, ...]) -> np.ndarray:
+    """Mask: ``buf[offs[k]: offs[k] + lens[k]]`` starts with one of ``tokens`` (each at most
+    8 bytes; ``buf`` has at least 8 bytes after every offset, as a reader batch does)."""
+    if pcapcut is not None and _pcap.USE_KERNEL:
+        return np.frombuffer(pcapcut.starts_with(buf, np.ascontiguousarray(offs, np.int64),
+                                                  np.ascontiguousarray(lens, np.int64),
+                                                  tokens), dtype=bool)
+    # The first 8 bytes as one big-endian number; a token of n bytes is its top n bytes.
+    head = np.zeros(offs.size, dtype=np.uint64)
+    for i in range(8):
+        head = (head << np.uint64(8)) | buf[offs + i].astype(np.uint64)
+    hit = np.zeros(offs.size, dtype=bool)
+    for tok in tokens:
+        shift = np.uint64(64 - 8 * len(tok))
+        hit |= ((head >> shift) == np.uint64(int.from_bytes(tok, "big"))) & (lens >= len(tok))
+    return hit
 
 STATE_ESTABLISHED = "established"
 STATE_REFUSED = "refused"
 STATE_NO_ANSWER = "no-answer"
 STATE_MIDSTREAM = "midstream"
+_STATES = (STATE_ESTABLISHED, STATE_REFUSED, STATE_NO_ANSWER, STATE_MIDSTREAM)
+_ENDED = ("rst", "fin", "timeout", "open")
 
 CONNECTION_SCHEMA = pa.schema([
     pa.field("conn_id", pa.int64(), metadata={"doc": "Row id, unique within a tracker"}),
@@ -109,37 +133,121 @@ class TrackerOutput:
     http: pa.Table
 
 
-@dataclass
-class _Head:
-    """Payload segments of one direction, one entry per batch in capture order:
-    (relative sequence numbers, lengths, the segments' bytes concatenated)."""
-
-    segs: list[tuple[np.ndarray, np.ndarray, bytes]] = field(default_factory=list)
-    done: bool = False
+#: Payload segments of one direction, one entry per batch in capture order: (relative
+#: sequence numbers, lengths, the segments' bytes concatenated).
+_Segments = list[tuple[np.ndarray, np.ndarray, bytes]]
 
 
 _INT_FIELDS = ("proto", "a_port", "b_port", "conn_id", "first_ts", "last_ts", "first_frame",
                "syn_seq", "synack_ack", "first_dir", "syn_dir", "synack_dir", "ver", "tunnel",
                "timeout")
 _PAIR_FIELDS = ("pkts", "bytes", "pay", "syn", "synack", "fin", "rst", "isn")
+#: A fresh slot: 0 except "no SYN/SYN-ACK seen yet" (-1) and unknown initial sequences.
+_INT_INIT = np.array([-1 if k in ("syn_seq", "syn_dir", "synack_dir", "synack_ack") else 0
+                      for k in _INT_FIELDS], dtype=np.int64)
+_PAIR_INIT = np.array([[-1, -1] if k == "isn" else [0, 0] for k in _PAIR_FIELDS],
+                      dtype=np.int64)
+_I_CONN_ID = _INT_FIELDS.index("conn_id")
+#: Fields a new connection sets from its first packet, in ConnectionTracker._new's order.
+_I_NEW = np.array([_INT_FIELDS.index(k) for k in (
+    "first_ts", "last_ts", "first_frame", "first_dir", "ver", "tunnel", "proto", "syn_seq",
+    "a_port", "b_port")], dtype=np.intp)
 
 
 def _gather(batch: PacketBatch, rows: np.ndarray, lim: np.ndarray
             ) -> tuple[bytes, np.ndarray]:
     """The first ``lim[k]`` payload bytes of each row, concatenated, and the k-th's bounds."""
-    lim = np.maximum(lim, 0)
-    bounds = np.concatenate(([0], np.cumsum(lim)))
-    if int(bounds[-1]) == 0:
+    lim = np.maximum(lim, 0).astype(np.int64)
+    return _slices(batch.buf, batch.payload_off[rows], lim)
+
+
+def _slices(buf: np.ndarray | bytes, offs: np.ndarray, lens: np.ndarray
+            ) -> tuple[bytes, np.ndarray]:
+    """``buf[offs[k]: offs[k] + lens[k]]`` for every k, concatenated, and the k-th's bounds
+    (in C when the kernel is built, else one numpy fancy index; never a loop per slice)."""
+    bounds = np.zeros(lens.size + 1, dtype=np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    total = int(bounds[-1])
+    if total == 0:
         return b"", bounds
-    mv = memoryview(batch.buf.data)
-    offs = batch.payload_off[rows].tolist()
-    return b"".join([mv[o: o + k] for o, k in zip(offs, lim.tolist(), strict=True)]), bounds
+    if pcapcut is not None and _pcap.USE_KERNEL:
+        return pcapcut.gather(buf, np.ascontiguousarray(offs, dtype=np.int64),
+                              np.ascontiguousarray(lens, dtype=np.int64)), bounds
+    arr = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
+    idx = np.repeat(np.asarray(offs, dtype=np.int64) - bounds[:-1], lens) + np.arange(total)
+    return arr[idx].tobytes(), bounds
+
+
+# Arrow arrays are built from buffers: pa.array imports pandas (~0.2 s) and Array.take
+# imports pyarrow.compute (~0.1 s), both more than the tracker's own work on a small file.
+
+
+def _arrow(values: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """A numeric Arrow array over a numpy array."""
+    np_type = {pa.int64(): np.int64, pa.int32(): np.int32, pa.int8(): np.int8}[typ]
+    data = np.ascontiguousarray(values, dtype=np_type)
+    return pa.Array.from_buffers(typ, data.size, [None, pa.py_buffer(data)])
+
+
+def _bools(values: np.ndarray) -> pa.Array:
+    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    return pa.Array.from_buffers(pa.bool_(), int(values.size), [None, pa.py_buffer(bits)])
+
+
+def _binary(data: bytes, bounds: np.ndarray, typ: pa.DataType | None = None) -> pa.Array:
+    """A binary (or, for UTF-8 data, string) Arrow array from concatenated values."""
+    offs = np.ascontiguousarray(bounds, dtype=np.int32)
+    return pa.Array.from_buffers(typ or pa.binary(), offs.size - 1,
+                                 [None, pa.py_buffer(offs), pa.py_buffer(data)])
+
+
+def _empty_table(schema: pa.Schema) -> pa.Table:
+    """``schema.empty_table()`` without its pandas import (0.2 s on the first call)."""
+    return pa.Table.from_batches([], schema=schema)
+
+
+def _blobs(values: list[bytes]) -> pa.Array:
+    """A binary Arrow array from a list of bytes."""
+    lens = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    bounds = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    return _binary(b"".join(values), bounds)
+
+
+def _strings(values: list[str]) -> pa.Array:
+    """A string Arrow array from a list of str."""
+    enc = [v.encode() for v in values]
+    lens = np.fromiter((len(v) for v in enc), dtype=np.int64, count=len(enc))
+    bounds = np.zeros(len(enc) + 1, dtype=np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    return _binary(b"".join(enc), bounds, pa.string())
+
+
+def _choice(codes: np.ndarray, names: tuple[str, ...]) -> pa.Array:
+    """A string array taking ``names[codes[k]]`` for row k."""
+    enc = [v.encode() for v in names]
+    lens = np.array([len(v) for v in enc], dtype=np.int64)
+    offs = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
+    codes = np.asarray(codes, dtype=np.int64)
+    data, bounds = _slices(b"".join(enc), offs[codes], lens[codes])
+    return _binary(data, bounds, pa.string())
+
+
+#: HTTP/1 message starts of one batch: conn_id, frame, ts, direction (0: A->B) per row, the
+#: rows' data concatenated and its bounds.
+_HttpChunk = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes, np.ndarray]
+
+
+def _http_rows(ch: _HttpChunk, rows: np.ndarray) -> _HttpChunk:
+    """The chunk's rows ``rows`` as a chunk of their own."""
+    data, bounds = _slices(ch[4], ch[5][rows], np.diff(ch[5])[rows])
+    return ch[0][rows], ch[1][rows], ch[2][rows], ch[3][rows], data, bounds
 
 
 class ConnectionTracker:
     """Aggregate packet batches into connections; see the module docstring for the rules."""
 
-    def __init__(self, idle_timeout_s: float = 300.0, head_bytes: int = 16384,
+    def __init__(self, idle_timeout_s: float = 300.0, head_bytes: int = HEAD_BYTES,
                  closed_linger_s: float = 30.0):
         self.idle_ns = int(idle_timeout_s * 1e9)
         self.linger_ns = int(closed_linger_s * 1e9)
@@ -149,10 +257,16 @@ class ConnectionTracker:
         self._free: list[int] = []
         self._live: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
-        self._heads: dict[tuple[int, int], _Head] = {}
-        self._http: dict[int, list[tuple[int, int, int, bytes]]] = {}
+        # TCP head segments per slot * 2 + direction (0: A->B, 1: B->A); UDP: first datagram.
+        self._heads: dict[int, _Segments] = {}
+        self._udp_heads: dict[int, bytes] = {}
+        # HTTP/1 message starts, in chunks of arrays (conn_id, frame, ts, dir) with their
+        # data concatenated and the bounds of each row's part.
+        self._http: list[_HttpChunk] = []
         self._next_id = 1
         self.now_ns = 0
+        self._iv = np.zeros((0, len(_INT_FIELDS)), dtype=np.int64)
+        self._pv = np.zeros((0, len(_PAIR_FIELDS), 2), dtype=np.int64)
         self.i: dict[str, np.ndarray] = {}
         self.p: dict[str, np.ndarray] = {}
         self.addr = np.zeros((0, 4), dtype=np.uint64)
@@ -165,16 +279,16 @@ class ConnectionTracker:
         if need <= self._cap:
             return
         cap = max(need, self._cap * 2)
-        for k in _INT_FIELDS:
-            a = np.zeros(cap, dtype=np.int64)
-            if k in self.i:
-                a[: self._cap] = self.i[k]
-            self.i[k] = a
-        for k in _PAIR_FIELDS:
-            a = np.zeros((cap, 2), dtype=np.int64)
-            if k in self.p:
-                a[: self._cap] = self.p[k]
-            self.p[k] = a
+        # One row per slot (so a slot is reset with one assignment); self.i / self.p hold
+        # per-field column views.
+        iv = np.zeros((cap, len(_INT_FIELDS)), dtype=np.int64)
+        pv = np.zeros((cap, len(_PAIR_FIELDS), 2), dtype=np.int64)
+        if self._cap:
+            iv[: self._cap] = self._iv
+            pv[: self._cap] = self._pv
+        self._iv, self._pv = iv, pv
+        self.i = {k: iv[:, j] for j, k in enumerate(_INT_FIELDS)}
+        self.p = {k: pv[:, j, :] for j, k in enumerate(_PAIR_FIELDS)}
         addr = np.zeros((cap, 4), dtype=np.uint64)
         addr[: self._cap] = self.addr
         self.addr = addr
@@ -190,16 +304,9 @@ class ConnectionTracker:
             s = self._n
             self._n += 1
             self._grow(self._n)
-        for k in _INT_FIELDS:
-            self.i[k][s] = 0
-        for k in _PAIR_FIELDS:
-            self.p[k][s] = 0
-        self.i["syn_seq"][s] = -1
-        self.i["syn_dir"][s] = -1
-        self.i["synack_dir"][s] = -1
-        self.i["synack_ack"][s] = -1
-        self.p["isn"][s] = -1
-        self.i["conn_id"][s] = self._next_id
+        self._iv[s] = _INT_INIT
+        self._pv[s] = _PAIR_INIT
+        self._iv[s, _I_CONN_ID] = self._next_id
         self._next_id += 1
         self._live[key] = s
         self._key_of[s] = key
@@ -262,15 +369,18 @@ class ConnectionTracker:
             fast_idx = np.nonzero(simple)[0]
             starts = list(zip(gs[fast_idx].tolist(), found[fast_idx].tolist(), strict=True))
             cand_pos = np.nonzero(cand)[0]
-            for g in slow:
-                a, e = int(gs[g]), int(ge[g])
+            cand_l = cand_pos.tolist()
+            slow_a = np.asarray(slow, dtype=np.int64)
+            c_lo = np.searchsorted(cand_pos, gs[slow_a]).tolist()
+            c_hi = np.searchsorted(cand_pos, ge[slow_a]).tolist()
+            for gi, g in enumerate(slow):
+                a = int(gs[g])
                 s = int(found[g])
                 kb = keys[g]
                 if s >= 0 and stale[g]:
                     self.i["timeout"][s] = 1
                     s = -1
-                cpos = cand_pos[np.searchsorted(cand_pos, a): np.searchsorted(cand_pos, e)]
-                cpos_l = cpos.tolist()
+                cpos_l = cand_l[c_lo[gi]: c_hi[gi]]
                 if s >= 0:
                     starts.append((a, s))
                 elif not cpos_l or cpos_l[0] != a:
@@ -320,20 +430,14 @@ class ConnectionTracker:
             self._live[park] = old
             self._key_of[old] = park
         s = self._alloc(kb)
-        self.i["first_ts"][s] = batch.ts_ns[row]
-        self.i["last_ts"][s] = batch.ts_ns[row]
-        self.i["first_frame"][s] = batch.frame[row]
-        self.i["first_dir"][s] = d
-        self.i["ver"][s] = batch.ip_version[row]
-        self.i["tunnel"][s] = batch.tunnel[row]
-        self.i["proto"][s] = batch.proto[row]
-        self.i["syn_seq"][s] = seq if syn else -1
-        src = (batch.src_hi[row], batch.src_lo[row], batch.sport[row])
-        dst = (batch.dst_hi[row], batch.dst_lo[row], batch.dport[row])
-        a, b = (dst, src) if d == 1 else (src, dst)
-        self.addr[s] = (a[0], a[1], b[0], b[1])
-        self.i["a_port"][s] = a[2]
-        self.i["b_port"][s] = b[2]
+        # The key holds (proto << 32 | A port << 16 | B port, A hi, A lo, B hi, B lo).
+        key = np.frombuffer(kb, dtype=np.uint64, count=5)
+        k0 = int(key[0])
+        t = int(batch.ts_ns[row])
+        self._iv[s, _I_NEW] = (t, t, int(batch.frame[row]), d, int(batch.ip_version[row]),
+                               int(batch.tunnel[row]), k0 >> 32, seq if syn else -1,
+                               (k0 >> 16) & 0xFFFF, k0 & 0xFFFF)
+        self.addr[s] = key[1:]
         return s
 
     def _aggregate(self, batch: PacketBatch, rows: np.ndarray, slot: np.ndarray,
@@ -384,13 +488,11 @@ class ConnectionTracker:
         u = np.nonzero(has & ~is_tcp)[0]
         if u.size:
             key = slot[u] * 2 + dirs[u]
-            _, first = np.unique(key, return_index=True)
-            for j in u[first].tolist():
-                hk = (int(slot[j]), int(dirs[j]))
-                if hk not in heads:
-                    data = batch.payload(int(rows[j]), hb)
-                    heads[hk] = _Head([(np.zeros(1, np.int64), np.array([len(data)]), data)],
-                                      True)
+            uk, first = np.unique(key, return_index=True)
+            udp = self._udp_heads
+            for hk, j in zip(uk.tolist(), u[first].tolist(), strict=True):
+                if hk not in udp:
+                    udp[hk] = batch.payload(int(rows[j]), hb)
         t = np.nonzero(has & is_tcp)[0]
         if t.size == 0:
             return
@@ -422,13 +524,12 @@ class ConnectionTracker:
         kl = key.tolist()
         bl = bounds.tolist()
         for a, e in zip(starts, ends, strict=True):
-            hk = (kl[a] // 2, kl[a] % 2)
+            hk = kl[a]
             h = heads.get(hk)
             if h is None:
-                h = heads[hk] = _Head()
-            elif h.done:
-                continue
-            h.segs.append((rel[a:e], lim[a:e], blob[bl[a]: bl[e]]))
+                heads[hk] = [(rel[a:e], lim[a:e], blob[bl[a]: bl[e]])]
+            else:
+                h.append((rel[a:e], lim[a:e], blob[bl[a]: bl[e]]))
 
     def _collect_http(self, batch: PacketBatch, rows: np.ndarray, slot: np.ndarray,
                       dirs: np.ndarray, is_tcp: np.ndarray) -> None:
@@ -436,29 +537,13 @@ class ConnectionTracker:
         c = np.nonzero(is_tcp & (cap >= 4))[0]
         if c.size == 0:
             return
-        # Cheap filter on the first 4 bytes, exact check on the few candidates.
-        first4 = _be32(batch.buf, batch.payload_off[rows[c]])
-        maybe = c[np.isin(first4, _HTTP_PREFIX4)]
-        if maybe.size == 0:
-            return
-        off = batch.payload_off[rows[maybe]]
-        first = batch.buf[off[:, None] + np.arange(8)]
-        hit = np.zeros(maybe.size, dtype=bool)
-        for tok in _HTTP_TOKENS:
-            t = np.frombuffer(tok, dtype=np.uint8)
-            hit |= (first[:, : t.size] == t).all(axis=1) & (cap[maybe] >= t.size)
-        c = maybe
-        hits = c[hit]
+        hits = c[_starts_with(batch.buf, batch.payload_off[rows[c]], cap[c], _HTTP_TOKENS)]
         if hits.size == 0:
             return
         lim = np.minimum(cap[hits], HTTP_HEAD)
         blob, bounds = _gather(batch, rows[hits], lim)
-        bl = bounds.tolist()
-        fr = batch.frame[rows[hits]].tolist()
-        tsl = batch.ts_ns[rows[hits]].tolist()
-        for n_, (j, d) in enumerate(zip(slot[hits].tolist(), dirs[hits].tolist(), strict=True)):
-            self._http.setdefault(j, []).append(
-                (fr[n_], tsl[n_], d, blob[bl[n_]: bl[n_ + 1]]))
+        self._http.append((self.i["conn_id"][slot[hits]], batch.frame[rows[hits]],
+                           batch.ts_ns[rows[hits]], dirs[hits], blob, bounds))
 
     # -- output --------------------------------------------------------------------------------
 
@@ -480,47 +565,89 @@ class ConnectionTracker:
         return self._table(live[done])
 
     def _empty(self) -> TrackerOutput:
-        return TrackerOutput(CONNECTION_SCHEMA.empty_table(), HTTP_SCHEMA.empty_table())
+        return TrackerOutput(_empty_table(CONNECTION_SCHEMA), _empty_table(HTTP_SCHEMA))
 
     def finish(self) -> TrackerOutput:
         """Emit every remaining connection (still live ones end ``open``)."""
         return self._table(np.nonzero(self._alive[: self._n])[0])
 
     def _head(self, s: int, d: int) -> bytes:
-        h = self._heads.get((s, d))
-        if h is None or not h.segs:
-            return b""
-        if h.done:
-            return bytes(h.segs[0][2])
-        rel = np.concatenate([x[0] for x in h.segs])
-        lens = np.concatenate([x[1] for x in h.segs])
-        data = b"".join(x[2] for x in h.segs)
-        offs = np.concatenate(([0], np.cumsum(lens)))
+        h = self._heads.get(s * 2 + d)
+        if h is None:
+            return self._udp_heads.get(s * 2 + d, b"")
+        # A few segments per head: plain Python lists beat numpy calls here.
+        rel: list[int] = []
+        lens: list[int] = []
+        for seg_rel, seg_len, _ in h:
+            rel += seg_rel.tolist()
+            lens += seg_len.tolist()
+        data = b"".join(x[2] for x in h)
+        hb = self.head_bytes
         # Relative 0 is SYN + 1 when this direction's SYN/SYN-ACK was seen, else the first
         # payload's sequence number: then start from the lowest segment captured.
         from_syn = self.i["syn_dir"][s] == d or self.i["synack_dir"][s] == d
-        o = np.argsort(rel, kind="stable")
-        start = 0 if from_syn else min(0, int(rel[o[0]]))
-        r, ln = rel[o], lens[o]
-        if r[0] == start and (r[1:] == r[:-1] + ln[:-1]).all() and (ln > 0).all():
-            # In order, no gap, no overlap: the segments simply follow each other.
-            if (o == np.arange(o.size)).all():
-                return data[: self.head_bytes]
-            return b"".join(data[offs[i]: offs[i] + lens[i]] for i in o.tolist())[
-                : self.head_bytes]
+        start = 0 if from_syn else min(0, min(rel))
+        k = len(rel)
+        if rel[0] == start and all(lens) and all(
+                rel[j + 1] == rel[j] + lens[j] for j in range(k - 1)):
+            # In capture order, no gap, no overlap: the segments simply follow each other.
+            return data[:hb]
+        offs = [0]
+        for ln in lens:
+            offs.append(offs[-1] + ln)
         pos = start
         out = bytearray()
-        for i in o.tolist():
-            ri = int(rel[i])
-            if ri > pos:
+        for j in sorted(range(k), key=rel.__getitem__):  # stable: equal starts keep the first
+            rj = rel[j]
+            if rj > pos:
                 break
-            seg = data[offs[i]: offs[i] + lens[i]]
-            if ri + len(seg) > pos:
-                out += seg[pos - ri:]
+            if rj + lens[j] > pos:
+                out += data[offs[j] + pos - rj: offs[j + 1]]
                 pos = start + len(out)
-            if len(out) >= self.head_bytes:
+            if len(out) >= hb:
                 break
-        return bytes(out[: self.head_bytes])
+        return bytes(out[:hb])
+
+    def _take_http(self, conn_ids: np.ndarray, client: np.ndarray) -> pa.Table:
+        """The HTTP rows of the connections ``conn_ids`` (sorted; ``client[k]`` is the side
+        that is the client of the k-th), ordered by connection and frame; others are kept.
+
+        Chunks whose rows all stay are kept as they are, so a row's bytes are copied a
+        bounded number of times however often the tracker is flushed."""
+        keep: list[_HttpChunk] = []
+        taken: list[_HttpChunk] = []
+        for ch in self._http:
+            cid = ch[0]
+            if conn_ids.size:
+                pos = np.minimum(np.searchsorted(conn_ids, cid), conn_ids.size - 1)
+                take = conn_ids[pos] == cid
+            else:
+                take = np.zeros(cid.size, dtype=bool)
+            if not take.any():
+                keep.append(ch)
+            elif take.all():
+                taken.append(ch)
+            else:
+                keep.append(_http_rows(ch, np.nonzero(~take)[0]))
+                taken.append(_http_rows(ch, np.nonzero(take)[0]))
+        self._http = keep
+        if not taken:
+            return _empty_table(HTTP_SCHEMA)
+        cid = np.concatenate([c[0] for c in taken])
+        frame = np.concatenate([c[1] for c in taken])
+        ts = np.concatenate([c[2] for c in taken])
+        dirs = np.concatenate([c[3] for c in taken])
+        base = np.cumsum([0] + [len(c[4]) for c in taken])[:-1].tolist()
+        starts = np.concatenate([c[5][:-1] + b for c, b in zip(taken, base, strict=True)])
+        lens = np.concatenate([np.diff(c[5]) for c in taken])
+        order = np.lexsort((frame, cid))
+        data, bounds = _slices(b"".join(c[4] for c in taken), starts[order], lens[order])
+        cid, frame, ts, dirs = cid[order], frame[order], ts[order], dirs[order]
+        c2s = dirs == client[np.searchsorted(conn_ids, cid)]
+        return pa.Table.from_arrays([
+            _arrow(cid, pa.int64()), _arrow(frame, pa.int64()), _arrow(ts, pa.int64()),
+            _choice(np.where(c2s, 0, 1), ("c2s", "s2c")), _binary(data, bounds)],
+            schema=HTTP_SCHEMA)
 
     def _table(self, slots: np.ndarray) -> TrackerOutput:
         slots = slots[np.argsort(self.i["conn_id"][slots], kind="stable")]
@@ -530,9 +657,9 @@ class ConnectionTracker:
         ap, bp = i["a_port"][slots], i["b_port"][slots]
         tcp = i["proto"][slots] == 6
         first_dir = i["first_dir"][slots]
+        # How the client was chosen: 0 syn, 1 syn-ack, 2 port, 3 first-packet.
+        by = np.where(sd >= 0, 0, np.where(sad >= 0, 1, np.where(tcp & (ap != bp), 2, 3)))
         # client_is_a: 1 when endpoint A is the client.
-        by = np.where(sd >= 0, "syn", np.where(sad >= 0, "syn-ack",
-                      np.where(tcp & (ap != bp), "port", "first-packet")))
         cia = np.where(sd >= 0, sd == 0,
                        np.where(sad >= 0, sad == 1,
                                 np.where(tcp & (ap != bp), ap > bp, first_dir == 0)))
@@ -546,60 +673,50 @@ class ConnectionTracker:
         syn, synack, rst, fin = p["syn"][slots], p["synack"][slots], p["rst"][slots], \
             p["fin"][slots]
         handshake = (syn[r, c] > 0) & (synack[r, srv] > 0)
+        # Codes into _STATES and _ENDED.
         state = np.where(
             tcp,
             np.where(syn[r, c] > 0,
-                     np.where(synack[r, srv] > 0, STATE_ESTABLISHED,
-                              np.where(rst[r, srv] > 0, STATE_REFUSED,
-                                       np.where(pk[r, srv] == 0, STATE_NO_ANSWER,
-                                                STATE_MIDSTREAM))),
-                     STATE_MIDSTREAM),
-            np.where(pk[r, srv] > 0, STATE_ESTABLISHED, STATE_NO_ANSWER))
-        ended = np.where(tcp & (rst.sum(axis=1) > 0), "rst",
-                         np.where(tcp & (fin.sum(axis=1) > 0), "fin",
-                                  np.where(i["timeout"][slots] > 0, "timeout", "open")))
+                     np.where(synack[r, srv] > 0, 0,
+                              np.where(rst[r, srv] > 0, 1, np.where(pk[r, srv] == 0, 2, 3))),
+                     3),
+            np.where(pk[r, srv] > 0, 0, 2))
+        ended = np.where(tcp & (rst.sum(axis=1) > 0), 0,
+                         np.where(tcp & (fin.sum(axis=1) > 0), 1,
+                                  np.where(i["timeout"][slots] > 0, 2, 3)))
         sl = slots.tolist()
         cl = c.tolist()
         ch = [self._head(s, d) for s, d in zip(sl, cl, strict=True)]
         sh = [self._head(s, 1 - d) for s, d in zip(sl, cl, strict=True)]
-        http_rows: list[tuple[int, int, int, str, bytes]] = []
-        for s, d in zip(sl, cl, strict=True):
-            for fr, t, dd, data in self._http.get(s, ()):
-                http_rows.append((int(i["conn_id"][s]), fr, t, "c2s" if dd == d else "s2c", data))
-        conns = pa.table({
-            "conn_id": pa.array(i["conn_id"][slots], pa.int64()),
-            "transport": pa.array(np.where(tcp, "tcp", "udp").tolist(), pa.string()),
-            "ip_version": pa.array(i["ver"][slots].astype(np.int8), pa.int8()),
-            "client_ip": pa.array(np.where(cia, a_txt, b_txt).tolist(), pa.string()),
-            "client_port": pa.array(np.where(cia, ap, bp).astype(np.int32), pa.int32()),
-            "server_ip": pa.array(np.where(cia, b_txt, a_txt).tolist(), pa.string()),
-            "server_port": pa.array(np.where(cia, bp, ap).astype(np.int32), pa.int32()),
-            "client_by": pa.array(by.tolist(), pa.string()),
-            "tunnel": pa.array([TUNNEL_NAMES.get(int(t), "") for t in i["tunnel"][slots]],
-                               pa.string()),
-            "first_ts_ns": pa.array(i["first_ts"][slots], pa.int64()),
-            "last_ts_ns": pa.array(i["last_ts"][slots], pa.int64()),
-            "first_frame": pa.array(i["first_frame"][slots], pa.int64()),
-            "packets_c2s": pa.array(pk[r, c], pa.int64()),
-            "packets_s2c": pa.array(pk[r, srv], pa.int64()),
-            "bytes_c2s": pa.array(by_[r, c], pa.int64()),
-            "bytes_s2c": pa.array(by_[r, srv], pa.int64()),
-            "payload_c2s": pa.array(pay[r, c], pa.int64()),
-            "payload_s2c": pa.array(pay[r, srv], pa.int64()),
-            "handshake": pa.array(handshake, pa.bool_()),
-            "syn_count": pa.array(syn[r, c].astype(np.int32), pa.int32()),
-            "state": pa.array(state.tolist(), pa.string()),
-            "ended": pa.array(ended.tolist(), pa.string()),
-            "client_head": pa.array(ch, pa.binary()),
-            "server_head": pa.array(sh, pa.binary()),
-        }, schema=CONNECTION_SCHEMA)
-        http = pa.table({
-            "conn_id": pa.array([x[0] for x in http_rows], pa.int64()),
-            "frame": pa.array([x[1] for x in http_rows], pa.int64()),
-            "ts_ns": pa.array([x[2] for x in http_rows], pa.int64()),
-            "direction": pa.array([x[3] for x in http_rows], pa.string()),
-            "data": pa.array([x[4] for x in http_rows], pa.binary()),
-        }, schema=HTTP_SCHEMA)
+        conn_ids = i["conn_id"][slots]
+        http = self._take_http(conn_ids, c)
+        tunnels = tuple(TUNNEL_NAMES.get(k, "") for k in range(max(TUNNEL_NAMES) + 1))
+        conns = pa.Table.from_arrays([
+            _arrow(conn_ids, pa.int64()),
+            _choice(np.where(tcp, 0, 1), ("tcp", "udp")),
+            _arrow(i["ver"][slots], pa.int8()),
+            _strings(np.where(cia, a_txt, b_txt).tolist()),
+            _arrow(np.where(cia, ap, bp), pa.int32()),
+            _strings(np.where(cia, b_txt, a_txt).tolist()),
+            _arrow(np.where(cia, bp, ap), pa.int32()),
+            _choice(by, ("syn", "syn-ack", "port", "first-packet")),
+            _choice(i["tunnel"][slots], tunnels),
+            _arrow(i["first_ts"][slots], pa.int64()),
+            _arrow(i["last_ts"][slots], pa.int64()),
+            _arrow(i["first_frame"][slots], pa.int64()),
+            _arrow(pk[r, c], pa.int64()),
+            _arrow(pk[r, srv], pa.int64()),
+            _arrow(by_[r, c], pa.int64()),
+            _arrow(by_[r, srv], pa.int64()),
+            _arrow(pay[r, c], pa.int64()),
+            _arrow(pay[r, srv], pa.int64()),
+            _bools(handshake),
+            _arrow(syn[r, c], pa.int32()),
+            _choice(state, _STATES),
+            _choice(ended, _ENDED),
+            _blobs(ch),
+            _blobs(sh),
+        ], schema=CONNECTION_SCHEMA)
         self._release(sl)
         return TrackerOutput(conns, http)
 
@@ -608,8 +725,8 @@ class ConnectionTracker:
             kb = self._key_of.pop(s)
             if self._live.get(kb) == s:
                 del self._live[kb]
-            self._heads.pop((s, 0), None)
-            self._heads.pop((s, 1), None)
-            self._http.pop(s, None)
+            for hk in (s * 2, s * 2 + 1):
+                self._heads.pop(hk, None)
+                self._udp_heads.pop(hk, None)
             self._free.append(s)
             self._alive[s] = False

@@ -203,6 +203,8 @@ class StreamInfo:
     """A/AAAA/CNAME answers seen in DNS responses (so IPs gain names)."""
     truncated: bool = False
     """True when the bytes ended inside a record/message, so more requests may exist."""
+    handshake_missing: bool = False
+    """TLS records were seen but no handshake message (the stream began inside TLS)."""
     notes: list[str] = field(default_factory=list)
     """Anything skipped, malformed or uncertain, one short line each."""
 
@@ -450,10 +452,17 @@ def _apply_tls(info: StreamInfo, client: bytes, server: bytes, ctx: _Ctx) -> Non
         info.client_certificate = False
     if not cside.messages and not sside.messages:
         info.notes.append("tls: no handshake in clear (capture began after it)")
+        info.handshake_missing = True
 
 
 def _tls_verdict(info: StreamInfo) -> None:
     """Decide mtls/mesh for a TLS stream from SNI, ALPN and certificate messages."""
+    if info.handshake_missing:
+        # Records without the handshake (the capture began inside the connection): the marks
+        # that tell mTLS from TLS are in the handshake, so nothing can be said either way.
+        info.mtls = UNKNOWN
+        info.reason = "TLS records without the handshake (capture began inside the connection)"
+        return
     sni = info.sni or ""
     alpns = info.alpn_offered + ((info.alpn_selected,) if info.alpn_selected else ())
     m = _ISTIO_SNI.match(sni)

@@ -9,8 +9,15 @@ IP-in-IP in any combination of 4/6); an encapsulated packet reports its *inner* 
 ports and says in ``tunnel`` which overlay it came through.
 
 Splitting records is the only sequential part (each record's length says where the next one
-starts): a Python loop touches one 4-byte length per record (pcap) or two per block (pcapng)
-and nothing else; every other field is gathered with numpy from the record offsets.
+starts). With the compiled kernel (``observe/_pcapcut.c``, see :mod:`observe.compiled`) a
+pcap read is walked and decoded in one C pass, record by record while its bytes are in cache,
+and pcapng packet blocks are walked in C (section and interface blocks stay in Python); the
+kernel runs without the GIL and :func:`read_packets` runs it in a background thread, so the
+consumer's work overlaps with reading on a second core. Without the kernel, a Python loop
+touches one 4-byte length per record (pcap) or two per block (pcapng) and nothing else, and
+every other field is gathered with numpy from the record offsets; both give the same batches
+(``tests/observe/test_pcapcut.py``). Each read goes straight into the buffer the batch keeps:
+memory is a few batches, whatever the size of the capture.
 
 Nothing raises for bad content inside a capture: records of unsupported link types, non-IP
 frames, IP fragments after the first, and headers shorter than they claim are counted per
@@ -23,14 +30,17 @@ record) stops the read with a warning. Only an input that is not a capture at al
 from __future__ import annotations
 
 import ipaddress
+import queue
 import struct
+import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 
+from observe.compiled import pcapcut
 from observe.errors import FormatError
 
 PCAP = "pcap"
@@ -580,6 +590,9 @@ def _decode(b: np.ndarray, start: np.ndarray, caplen: np.ndarray, lt: np.ndarray
     return dec, reason
 
 
+#: Use the compiled kernel when it is built (tests switch it off to compare both paths).
+USE_KERNEL = True
+
 _REASONS = {1: R_LINKTYPE, 2: R_NON_IP, 3: R_MALFORMED, 4: R_FRAGMENT}
 
 
@@ -613,12 +626,38 @@ class _Reader:
         self.batch_bytes = max(int(batch_bytes), 1 << 16)
         self.frame = 0
         self.consumed = 0  # absolute file offset of the start of the current buffer
+        self.kernel = pcapcut if USE_KERNEL else None
 
     def _read(self, n: int) -> bytes:
         try:
             return self.stream.read(n) or b""
         except OSError as e:
             raise FormatError(f"read failed: {e}", origin=self.stats.origin) from e
+
+    def _fill(self, carry: bytes) -> tuple[np.ndarray, int, bool]:
+        """A fresh buffer: ``carry``, then one read of up to ``batch_bytes``, then ``_PAD``
+        zero bytes; (buffer, bytes of data in it, end of stream reached).
+
+        The read goes straight into the buffer the batch keeps (no copy of the data); each
+        batch gets its own buffer, so a batch stays valid while later ones are read.
+        """
+        k = len(carry)
+        b = np.empty(k + self.batch_bytes + _PAD, dtype=np.uint8)
+        if k:
+            b[:k] = np.frombuffer(carry, dtype=np.uint8)
+        readinto = getattr(self.stream, "readinto", None)
+        try:
+            if readinto is not None:
+                got = readinto(b.data[k: k + self.batch_bytes]) or 0
+            else:
+                data = self.stream.read(self.batch_bytes) or b""
+                got = len(data)
+                b[k: k + got] = np.frombuffer(data, dtype=np.uint8)
+        except OSError as e:
+            raise FormatError(f"read failed: {e}", origin=self.stats.origin) from e
+        n = k + got
+        b[n: n + _PAD] = 0
+        return b[: n + _PAD], n, got == 0
 
     def batches(self) -> Iterator[PacketBatch]:
         head = self._read(24)
@@ -653,43 +692,34 @@ class _Reader:
         limit = max(MAX_RECORD, snaplen if 0 < snaplen < (1 << 30) else 0)
         self.consumed = 24
         carry = b""
-        cap_at = struct.Struct(endian + "I").unpack_from
         eof = False
         while not eof:
-            data = self._read(self.batch_bytes)
-            eof = not data
-            buf = carry + data if carry else data
-            if not buf:
+            b, n, eof = self._fill(carry)
+            if not n:
                 break
-            n = len(buf)
-            offs: list[int] = []
-            append = offs.append
-            pos = 0
-            n16 = n - 16
-            # The only per-record Python: follow the record lengths.
-            while pos <= n16:
-                append(pos)
-                pos += 16 + cap_at(buf, pos + 8)[0]
-            if pos > n:  # the last record is not complete in this buffer
-                pos = offs.pop()
-            stop = False
-            if offs or pos + 16 <= n:
-                caps = np.frombuffer(buf, dtype=np.uint8)
-                heads = np.asarray([*offs, pos] if pos + 16 <= n else offs, dtype=np.int64)
-                over = np.nonzero(_u32e(caps, heads + 8, big) > limit)[0]
-                if over.size:
-                    first = int(over[0])
-                    cap = int(_u32e(caps, heads[first: first + 1] + 8, big)[0])
-                    self.stats.warn(f"packet {self.frame + first + 1}",
-                                    f"record length {cap} is beyond any snapshot length; "
-                                    "stopping (damaged file)")
-                    stop = True
-                    del offs[first:]
-                    pos = int(heads[first])
-            if offs:
-                yield from self._emit_pcap(buf, offs, big, tmul, lt)
+            if self.kernel is not None:
+                # Record walk and header decode in one pass in C.
+                reason_b, cols, pos, stop = self.kernel.pcap_decode(b, n, big, tmul, limit, lt)
+                reason = np.frombuffer(reason_b, dtype=np.int8)
+                batch = None
+                if reason.size:
+                    lts = np.full(reason.size, lt, dtype=np.int64)
+                    batch = self._kernel_batch(b, reason, cols, lts, None)
+            else:
+                starts, caps, wires, ts, pos, stop = self._walk_pcap(b, n, big, tmul, limit)
+                batch = None
+                if starts.size:
+                    lts = np.full(starts.shape[0], lt, dtype=np.int64)
+                    batch = self._batch(b, starts, caps, wires, ts, lts)
+            if stop:
+                cap = int(_u32e(b, np.array([pos + 8]), big)[0])
+                self.stats.warn(f"packet {self.frame + 1}",
+                                f"record length {cap} is beyond any snapshot length; "
+                                "stopping (damaged file)")
+            if batch is not None:
+                yield batch
             self.consumed += pos
-            carry = buf[pos:]
+            carry = b[pos:n].tobytes()
             if stop:
                 self.stats.stopped = True
                 return
@@ -700,17 +730,38 @@ class _Reader:
             self.stats.skipped["truncated final record"] += 1
             self.stats.stopped = True
 
-    def _emit_pcap(self, buf: bytes, offs: list[int], big: bool, tmul: int, lt: int
-                   ) -> Iterator[PacketBatch]:
-        b = _padded(buf)
+    def _walk_pcap(self, b: np.ndarray, n: int, big: bool, tmul: int, limit: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, bool]:
+        """The records wholly in ``b[:n]``: (data starts, captured lengths, wire lengths,
+        timestamps, offset of the first record not taken, stopped at a nonsense length)."""
+        offs: list[int] = []
+        append = offs.append
+        cap_at = struct.Struct(">I" if big else "<I").unpack_from
+        mv = b.data
+        pos = 0
+        n16 = n - 16
+        # The only per-record Python: follow the record lengths.
+        while pos <= n16:
+            append(pos)
+            pos += 16 + cap_at(mv, pos + 8)[0]
+        if pos > n:  # the last record is not complete in this buffer
+            pos = offs.pop()
+        stop = False
+        if offs or pos + 16 <= n:
+            heads = np.asarray([*offs, pos] if pos + 16 <= n else offs, dtype=np.int64)
+            over = np.nonzero(_u32e(b, heads + 8, big) > limit)[0]
+            if over.size:
+                first = int(over[0])
+                stop = True
+                del offs[first:]
+                pos = int(heads[first])
         h = np.asarray(offs, dtype=np.int64)
         sec = _u32e(b, h, big)
         frac = _u32e(b, h + 4, big)
         cap = _u32e(b, h + 8, big)
         wire = _u32e(b, h + 12, big)
         ts = sec * 1_000_000_000 + frac * tmul
-        lts = np.full(h.shape[0], lt, dtype=np.int64)
-        yield self._batch(b, h + 16, cap, wire, ts, lts)
+        return h + 16, cap, wire, ts, pos, stop
 
     # pcapng ----------------------------------------------------------------------------------
 
@@ -720,20 +771,35 @@ class _Reader:
         endian = "<"
         eof = False
         in_section = False
+        kernel = self.kernel
         while True:
-            data = b"" if eof else self._read(self.batch_bytes)
-            eof = eof or not data
-            buf = carry + data if carry else data
-            n = len(buf)
+            if eof:
+                b = np.zeros(len(carry) + _PAD, dtype=np.uint8)
+                b[: len(carry)] = np.frombuffer(carry, dtype=np.uint8)
+                n = len(carry)
+            else:
+                b, n, eof = self._fill(carry)
+            buf = b.data
             pos = 0
-            # Per packet block: (block offset, kind, iface-table index)
+            # Packet blocks in chunks: (block offsets, kinds, iface-table index)
+            chunks: list[tuple[np.ndarray, np.ndarray, int]] = []
             pk_off: list[int] = []
             pk_kind: list[int] = []
-            pk_if: list[int] = []
+            pk_table = 0  # iface-table index of the blocks in pk_off
             tables: list[list[_Interface]] = [ifaces]
             tables_big: list[bool] = [endian == ">"]
             stop = False
             while pos + 12 <= n:
+                if kernel is not None and in_section:
+                    # Runs of well-formed packet blocks in C; anything else below.
+                    offs_b, kinds_b, end = kernel.ng_walk(b, pos, n, endian == ">")
+                    if end > pos:
+                        _flush_blocks(chunks, pk_off, pk_kind, pk_table)
+                        chunks.append((np.frombuffer(offs_b, np.int64),
+                                       np.frombuffer(kinds_b, np.int64), len(tables) - 1))
+                        pos = int(end)
+                        if pos + 12 > n:
+                            break
                 btype_raw = buf[pos: pos + 4]
                 if btype_raw == _SHB:
                     bom = buf[pos + 8: pos + 12]
@@ -763,9 +829,11 @@ class _Reader:
                     if not in_section:
                         pos += blen
                         continue
+                    if pk_table != len(tables) - 1:
+                        _flush_blocks(chunks, pk_off, pk_kind, pk_table)
+                        pk_table = len(tables) - 1
                     pk_off.append(pos)
                     pk_kind.append(btype)
-                    pk_if.append(len(tables) - 1)
                 elif btype == 0x0A0D0D0A:
                     in_section = True
                     ifaces = []
@@ -780,10 +848,11 @@ class _Reader:
                 else:
                     self.stats.other_blocks[f"0x{btype:08x}"] += 1
                 pos += blen
-            if pk_off:
-                yield from self._emit_pcapng(buf, pk_off, pk_kind, pk_if, tables, tables_big)
+            _flush_blocks(chunks, pk_off, pk_kind, pk_table)
+            if chunks:
+                yield self._emit_pcapng(b, chunks, tables, tables_big)
             self.consumed += pos
-            carry = buf[pos:]
+            carry = b[pos:n].tobytes()
             if stop:
                 self.stats.stopped = True
                 return
@@ -795,13 +864,12 @@ class _Reader:
             self.stats.skipped["truncated final record"] += 1
             self.stats.stopped = True
 
-    def _emit_pcapng(self, buf: bytes, pk_off: list[int], pk_kind: list[int],
-                     pk_if: list[int], tables: list[list[_Interface]], tables_big: list[bool]
-                     ) -> Iterator[PacketBatch]:
-        b = _padded(buf)
-        h = np.asarray(pk_off, dtype=np.int64)
-        kind = np.asarray(pk_kind, dtype=np.int64)
-        tab = np.asarray(pk_if, dtype=np.int64)
+    def _emit_pcapng(self, b: np.ndarray, chunks: list[tuple[np.ndarray, np.ndarray, int]],
+                     tables: list[list[_Interface]], tables_big: list[bool]) -> PacketBatch:
+        h = np.concatenate([c[0] for c in chunks])
+        kind = np.concatenate([c[1] for c in chunks])
+        tab = np.repeat(np.asarray([c[2] for c in chunks], dtype=np.int64),
+                        [c[0].size for c in chunks])
         big = np.asarray(tables_big, dtype=bool)[tab]
         blen = _u32e(b, h + 4, big)
         # Flatten interface tables: global index = base[table] + local id.
@@ -836,9 +904,12 @@ class _Reader:
         raw = (ts_hi.astype(np.uint64) << np.uint64(32)) | ts_lo.astype(np.uint64)
         mul = mul_of[gidx]
         div = div_of[gidx]
-        whole = (raw // div.astype(np.uint64)).astype(np.int64)
-        rem = (raw % div.astype(np.uint64)).astype(np.float64)
-        ts = whole * mul + np.round(rem * mul / div).astype(np.int64)
+        if (div == 1).all():
+            ts = raw.astype(np.int64) * mul
+        else:
+            whole = (raw // div.astype(np.uint64)).astype(np.int64)
+            rem = (raw % div.astype(np.uint64)).astype(np.float64)
+            ts = whole * mul + np.round(rem * mul / div).astype(np.int64)
         ts = np.where(epb, ts, 0) + offs_of[gidx] * 1_000_000_000
         frames_before = self.frame
         if (~valid_if).any() or bad_len.any():
@@ -848,29 +919,24 @@ class _Reader:
                 self.stats.warn(f"packet {frames_before + i + 1}", f"packet block {what}")
         cap = np.where(bad_len, 0, cap)
         lts = np.where(bad_len | ~valid_if, -2, lts)
-        yield self._batch(b, start, cap, wire, ts, lts)
+        return self._batch(b, start, cap, wire, ts, lts)
 
     # common ----------------------------------------------------------------------------------
 
     def _batch(self, b: np.ndarray, start: np.ndarray, cap: np.ndarray, wire: np.ndarray,
                ts: np.ndarray, lts: np.ndarray) -> PacketBatch:
+        if self.kernel is not None:
+            reason_b, cols = self.kernel.decode(b, np.ascontiguousarray(start, np.int64),
+                                                np.ascontiguousarray(cap, np.int64),
+                                                np.ascontiguousarray(lts, np.int64))
+            return self._kernel_batch(b, np.frombuffer(reason_b, dtype=np.int8), cols, lts,
+                                      (ts, cap, wire))
         n = start.shape[0]
         frames = np.arange(self.frame + 1, self.frame + 1 + n, dtype=np.int64)
         self.frame += n
         self.stats.frames = self.frame
         dec, reason = _decode(b, start, cap, lts)
-        if (reason != 0).any():
-            codes, counts = np.unique(reason[reason != 0], return_counts=True)
-            for c, k in zip(codes.tolist(), counts.tolist(), strict=True):
-                if c == 1:
-                    bad_lt = lts[reason == 1]
-                    for v, kk in zip(*np.unique(bad_lt, return_counts=True), strict=True):
-                        label = ("record error" if v == -2
-                                 else f"{R_LINKTYPE} {int(v)}" if v >= 0
-                                 else "unknown interface")
-                        self.stats.skipped[label] += int(kk)
-                else:
-                    self.stats.skipped[_REASONS[c]] += k
+        self._count_skips(reason, lts)
         ok = dec.ok
         self.stats.packets += int(ok.sum())
         return PacketBatch(
@@ -884,15 +950,68 @@ class _Reader:
             tunnel=dec.tunnel[ok], frag=dec.frag[ok],
         )
 
+    def _kernel_batch(self, b: np.ndarray, reason: np.ndarray, cols: tuple[bytearray, ...],
+                      lts: np.ndarray, per_record: tuple[np.ndarray, np.ndarray, np.ndarray]
+                      | None) -> PacketBatch:
+        """The batch from the kernel's columns (``per_record``: timestamps, captured and wire
+        lengths of every record, when the kernel did not return them for the rows)."""
+        n = reason.shape[0]
+        first = self.frame + 1
+        self.frame += n
+        self.stats.frames = self.frame
+        c = [np.frombuffer(x, dtype=t) for x, t in zip(cols, _KERNEL_COLS, strict=False)]
+        idx = c[0]
+        if per_record is None:
+            ts, cap, wire = c[-3:]
+        elif idx.size == n:
+            ts, cap, wire = per_record
+        else:
+            ts, cap, wire = (x[idx] for x in per_record)
+        frames = np.arange(first, first + n, dtype=np.int64) if idx.size == n else idx + first
+        self._count_skips(reason, lts)
+        self.stats.packets += int(idx.shape[0])
+        return PacketBatch(
+            buf=b, frame=frames, ts_ns=ts, frame_len=wire, cap_len=cap,
+            linktype=(lts if idx.size == n else lts[idx]).astype(np.int32), ip_version=c[1],
+            src_hi=c[2], src_lo=c[3], dst_hi=c[4], dst_lo=c[5], proto=c[6], sport=c[7],
+            dport=c[8], tcp_flags=c[9], seq=c[10], ack=c[11], window=c[12], payload_len=c[13],
+            payload_off=c[14], payload_cap=c[15], tunnel=c[16], frag=c[17],
+        )
 
-def _padded(buf: bytes) -> np.ndarray:
-    b = np.empty(len(buf) + _PAD, dtype=np.uint8)
-    b[: len(buf)] = np.frombuffer(buf, dtype=np.uint8)
-    b[len(buf):] = 0
-    return b
+    def _count_skips(self, reason: np.ndarray, lts: np.ndarray) -> None:
+        bad = reason != 0
+        if not bad.any():
+            return
+        codes, counts = np.unique(reason[bad], return_counts=True)
+        for c, k in zip(codes.tolist(), counts.tolist(), strict=True):
+            if c == 1:
+                bad_lt = lts[reason == 1]
+                for v, kk in zip(*np.unique(bad_lt, return_counts=True), strict=True):
+                    label = ("record error" if v == -2
+                             else f"{R_LINKTYPE} {int(v)}" if v >= 0
+                             else "unknown interface")
+                    self.stats.skipped[label] += int(kk)
+            else:
+                self.stats.skipped[_REASONS[c]] += k
 
 
-def _parse_idb(buf: bytes, pos: int, blen: int, endian: str) -> _Interface:
+#: dtypes of the kernel's decode columns, in its order.
+_KERNEL_COLS = (np.int64, np.int8, np.uint64, np.uint64, np.uint64, np.uint64, np.uint8,
+                np.uint16, np.uint16, np.uint16, np.int64, np.int64, np.uint16, np.int64,
+                np.int64, np.int64, np.int8, np.int8, np.int64, np.int64, np.int64)
+
+
+def _flush_blocks(chunks: list[tuple[np.ndarray, np.ndarray, int]], pk_off: list[int],
+                  pk_kind: list[int], table: int) -> None:
+    """Move the packet blocks collected one by one into ``chunks`` (keeping file order)."""
+    if pk_off:
+        chunks.append((np.asarray(pk_off, dtype=np.int64), np.asarray(pk_kind, dtype=np.int64),
+                       table))
+        pk_off.clear()
+        pk_kind.clear()
+
+
+def _parse_idb(buf: bytes | memoryview, pos: int, blen: int, endian: str) -> _Interface:
     linktype, _res, snaplen = struct.unpack_from(endian + "HHI", buf, pos + 8)
     iface = _Interface(linktype=linktype, snaplen=snaplen)
     o = pos + 16
@@ -911,16 +1030,70 @@ def _parse_idb(buf: bytes, pos: int, blen: int, endian: str) -> _Interface:
 
 
 def read_packets(stream: BinaryIO, origin: str, batch_bytes: int = 8 << 20,
-                 stats: CaptureStats | None = None) -> Iterator[PacketBatch]:
+                 stats: CaptureStats | None = None, prefetch: bool | None = None
+                 ) -> Generator[PacketBatch, None, None]:
     """Yield the decoded IP packets of a pcap/pcapng stream, one batch per read.
 
     ``stats`` (optional) is filled as the read goes: counters per skip reason and warnings.
     Raises :class:`FormatError` only when the stream is not a capture at all.
+
+    ``prefetch`` (default: when the compiled kernel is built) reads and decodes in a
+    background thread, at most :data:`PREFETCH` batches ahead of the consumer: the reads and
+    the kernel run without the GIL, so they overlap with the consumer's work on a second
+    core. ``stats`` may then run ahead of the batches yielded so far; it is complete when the
+    iteration ends. Batches and errors arrive exactly as without prefetching.
     """
     reader = _Reader(stream, origin, batch_bytes)
     if stats is not None:
         reader.stats = stats
         stats.origin = stats.origin or origin
-    for batch in reader.batches():
+    if prefetch is None:
+        prefetch = reader.kernel is not None
+    batches = _prefetched(reader.batches()) if prefetch else reader.batches()
+    for batch in batches:
         if len(batch):
             yield batch
+
+
+#: Batches a prefetching read keeps ready ahead of its consumer.
+PREFETCH = 2
+
+
+def _prefetched(source: Iterator[PacketBatch]) -> Iterator[PacketBatch]:
+    """Run ``source`` in a thread, handing its items (and its exception, if any) over."""
+    q: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=PREFETCH)
+    stop = threading.Event()
+
+    def put(item: tuple[int, object]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in source:
+                if not put((0, batch)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put((2, e))
+            return
+        put((1, None))
+
+    thread = threading.Thread(target=work, name="pcap-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == 0:
+                yield item  # type: ignore[misc]
+            elif kind == 1:
+                return
+            else:
+                raise item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()

@@ -8,6 +8,10 @@
   objects);
 - ``logs/<ns>/<pod>/istio-proxy.log``: each proxy's ``kubectl logs`` output (plain layout):
   pilot-agent/Envoy lines plus access lines in Istio's default TEXT format;
+- ``../bookinfo-capture/nodes.pcap.gz``: the same traffic as ``tcpdump -i any`` on the nodes
+  records it
+  (pcap, link type LINUX_SLL2; written by :mod:`samples.packets`, own seeded RNG, so the logs
+  do not change with it);
 - ``README.md``: what is in it and what a correct analysis finds.
 
 Everything comes from a seeded ``random.Random`` and fixed instants: no wall clock, so two
@@ -17,6 +21,7 @@ runs write the same bytes. See ``samples/bookinfo/README.md`` for the story.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -35,12 +40,28 @@ from samples.envoy_lines import (
     HttpCall,
     gateway_entry,
     inbound_entry,
+    mtls_sni,
     outbound_cluster,
     outbound_entry,
     passthrough_entry,
     render_json,
     render_text,
     service_fqdn,
+)
+from samples.packets import (
+    PACKET_OUTGOING,
+    Endpoint,
+    Keystream,
+    PcapWriter,
+    TcpConn,
+    client_hello,
+    dns_answer,
+    dns_query,
+    encrypted,
+    mac_for,
+    server_hello,
+    session_id_of,
+    udp_exchange,
 )
 
 DEFAULT_SEED = 20240514
@@ -593,6 +614,25 @@ def build_inventory(seed: int) -> dict[str, object]:
 # --- traffic ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WireEvent:
+    """One exchange that crossed the wire, as the capture will show it.
+
+    ``mesh``: sidecar to sidecar over mTLS on the pooled connection ``call.conn_port``;
+    ``plain``: an unmeshed client's own connection (curl: one per request); ``ingress``: an
+    internet client to the gateway pod (one connection per request, ``ext_port``);
+    ``egress``: a passthrough TCP (TLS) connection to an external host (``tcp``).
+    """
+
+    kind: str
+    call: HttpCall | None
+    denied: bool = False
+    ext_ip: str = ""
+    ext_port: int = 0
+    tcp: AccessEntry | None = None
+
+
+
 class Traffic:
     """Builds every proxy's lines; one seeded RNG drives all choices, in a fixed order."""
 
@@ -606,6 +646,8 @@ class Traffic:
         self.seq = 0
         self.pools: dict[tuple[str, str], list[int]] = {}
         self.counts: dict[str, int] = {}
+        #: What crossed the wire, for the packet capture (recorded, never drawn from rng).
+        self.wire: list[WireEvent] = []
 
     def pod(self, workload: Workload, at: datetime) -> Pod:
         """The pod of ``workload`` running at ``at`` (deleted pods until their deletion)."""
@@ -664,6 +706,7 @@ class Traffic:
         if client is not None:
             self.emit(client, outbound_entry(c), f"{label}:client")
         self.emit(server, inbound_entry(server_view), f"{label}:server")
+        self.wire.append(WireEvent("mesh" if client else "plain", c, denied=denied))
         return c
 
     def page_view(self, t: datetime, ext_ip: str, ua: str, path: str, sent: int,
@@ -701,9 +744,12 @@ class Traffic:
             server_duration=dur - 1, x_forwarded_for=xff,
             upstream_local_port=self.pooled("127.0.0.6", pp.ip),
         )
-        self.emit(gw, gateway_entry(c, gw.ip, 8080, ext_ip, self.eph()), "gateway")
+        ext_port = self.eph()
+        self.emit(gw, gateway_entry(c, gw.ip, 8080, ext_ip, ext_port), "gateway")
         server_view = replace(c, start=t + timedelta(milliseconds=1))
         self.emit(pp, inbound_entry(server_view), "gateway->productpage:server")
+        self.wire.append(WireEvent("ingress", c, ext_ip=ext_ip, ext_port=ext_port))
+        self.wire.append(WireEvent("mesh", c))
 
     def ratings(self, reviews: Pod, t: datetime, pid: int, rid: str) -> None:
         if RATINGS_DELETED <= t < RATINGS_READY:
@@ -780,10 +826,12 @@ class Traffic:
         rv3 = self.pod(REVIEWS["v3"], WINDOW_START)
         t = WINDOW_START + timedelta(minutes=7, seconds=rng.uniform(0, 30))
         while t < WINDOW_END:
-            e = passthrough_entry(t, rv3.ip, self.eph(), self.eph(), f"{ip}:{port}", host,
+            app_port, conn_port = self.eph(), self.eph()
+            e = passthrough_entry(t, rv3.ip, app_port, conn_port, f"{ip}:{port}", host,
                                   rng.randint(900, 1400), rng.randint(4200, 6100),
                                   rng.randint(180, 420))
             self.emit(rv3, e, "reviews-v3->external")
+            self.wire.append(WireEvent("egress", None, tcp=e))
             t += timedelta(minutes=15, seconds=rng.uniform(-40, 40))
 
     # --- proxy's own lines ---
@@ -880,6 +928,370 @@ def _agent_lines(pod: Pod, rng: random.Random) -> list[tuple[datetime, str]]:
     return out
 
 
+# --- packet capture ----------------------------------------------------------------------
+
+#: ``tcpdump -i any -s CAPTURE_SNAPLEN``: headers and the first bytes of every segment.
+CAPTURE_SNAPLEN = 512
+#: The capture is a sample of its own (beside ``bookinfo/``): analysing ``samples/bookinfo``
+#: must not read the same traffic twice, as logs and as packets.
+CAPTURE_DIR = "bookinfo-capture"
+CAPTURE_FILE = "nodes.pcap.gz"
+#: kind's kube-dns Service (CoreDNS); pods query the ClusterIP, so a pod's veth shows it.
+KUBE_DNS = ("10.96.0.10", 53)
+#: Envoy's default upstream HTTP connection idle timeout (common_http_protocol_options).
+ENVOY_IDLE_TIMEOUT = timedelta(hours=1)
+#: The ALPN list Istio's client sidecar offers for HTTP/1.1 upstreams (pilot's
+#: mtlsHTTP11ALPN); the server picks "istio-http/1.1".
+ISTIO_HTTP11_ALPN = ("istio-http/1.1", "istio", "http/1.1")
+#: Failed attempts by the legacy client: (time, destination ip, port, answered by RST).
+FAILED_ATTEMPTS = (
+    (datetime(2024, 5, 14, 9, 7, 31, 250000, tzinfo=UTC), "10.244.1.5", 9080, True),
+    (datetime(2024, 5, 14, 9, 7, 33, 911000, tzinfo=UTC), "10.244.1.5", 9080, True),
+    (datetime(2024, 5, 14, 9, 8, 12, 40000, tzinfo=UTC), "10.244.2.40", 9080, False),
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(t: datetime) -> int:
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+@dataclass
+class WireConn:
+    """One TCP connection or UDP flow the capture holds, as the generator made it."""
+
+    kind: str
+    """mesh, plain, ingress, egress, dns, refused, no-answer."""
+    transport: str
+    client: str
+    """Node id of the client as the generator knows it (``ns/workload``, ``external:..``)."""
+    server: str
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+    opened: datetime
+    closed: datetime | None
+    """When its last packet left (None: still open when the capture stopped)."""
+    requests: int = 0
+    """HTTP requests it carried."""
+    sni: str | None = None
+
+
+def _http_date(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def _body(size: int, path: str) -> bytes:
+    """A response body of ``size`` bytes that starts like the real one."""
+    if path.startswith("/ratings/"):
+        pid = path.rsplit("/", 1)[1].encode()
+        head = b'{"id":%s,"ratings":{"Reviewer1":5,"Reviewer2":4}}' % pid
+    elif path.endswith(".css"):
+        head = b"/*!\n * Bootstrap v3.4.1 (https://getbootstrap.com/)\n */"
+    elif path.endswith(".js"):
+        head = b"/*! jQuery v3.7.1 | (c) OpenJS Foundation and other contributors */"
+    elif path.startswith("/api/"):
+        head = b'{"id": 0, "title": "The Comedy of Errors", "descriptionHtml": "'
+    else:
+        head = b"<!DOCTYPE html>\n<html>\n  <head>\n    <title>Simple Bookstore App</title>"
+    head = head[:size]
+    return head + b" " * (size - len(head))
+
+
+class _CaptureBuilder:
+    """Turns the traffic's wire events into packets (own RNG: the logs are untouched)."""
+
+    def __init__(self, traffic: Traffic, seed: int) -> None:
+        self.traffic = traffic
+        self.rng = random.Random(f"{seed}/packets")
+        self.w = PcapWriter(CAPTURE_SNAPLEN)
+        self.keys = Keystream(self.rng)
+        self.conns: list[WireConn] = []
+        # One veth per pod (host side), numbered in pod order; the nodes' eth0 is 2.
+        self.ifindex = {p.name: 7 + i for i, p in enumerate(sorted(
+            traffic.pods.values(), key=lambda p: (p.created, p.name)))}
+        self.peer_metadata = {p.name: self.rng.randint(1180, 1460)
+                              for p in sorted(traffic.pods.values(), key=lambda p: p.name)}
+
+    # -- who is who ----------------------------------------------------------------------
+    def pod_at(self, ip: str, at: datetime) -> Pod:
+        for p in self.traffic.pods.values():
+            end = p.deleted or p.finished or WINDOW_END + timedelta(days=1)
+            if p.ip == ip and p.created <= at < end + timedelta(seconds=10):
+                return p
+        raise LookupError(f"no pod has {ip} at {at}")
+
+    @staticmethod
+    def node_id(pod: Pod) -> str:
+        return f"{pod.ns}/{pod.workload.name}"
+
+    def ep(self, pod: Pod) -> Endpoint:
+        """A pod's packets, recorded as its veth's host end receives them."""
+        return Endpoint(pod.ip, self.ifindex[pod.name], mac_for(pod.ip, self.ifindex[pod.name]))
+
+    def outside(self, ip: str, via: Pod) -> Endpoint:
+        """Packets from outside the pod, recorded as the host sends them into its veth."""
+        return Endpoint(ip, self.ifindex[via.name], mac_for(via.ip, 1000 + self.ifindex[via.name]),
+                        PACKET_OUTGOING)
+
+    def rtt(self, a: Pod, b: Pod) -> int:
+        return self.rng.randint(50, 90) if a.node == b.node else self.rng.randint(180, 320)
+
+    # -- message sizes -------------------------------------------------------------------
+    def mesh_request(self, c: HttpCall, client: Pod) -> int:
+        """Bytes of the HTTP/1.1 request the client sidecar encrypts (headers Envoy adds:
+        x-forwarded-proto, x-request-id, x-envoy-attempt-count, B3 trace headers, the
+        metadata-exchange pair)."""
+        head = (f"{c.method} {c.path} HTTP/1.1\r\nhost: {c.authority}\r\n"
+                f"user-agent: {c.user_agent or ''}\r\naccept: */*\r\n"
+                f"x-forwarded-proto: http\r\nx-request-id: {c.request_id}\r\n"
+                "x-envoy-attempt-count: 1\r\n"
+                f"x-b3-traceid: {'0' * 32}\r\nx-b3-spanid: {'0' * 16}\r\n"
+                f"x-b3-parentspanid: {'0' * 16}\r\nx-b3-sampled: 0\r\n"
+                f"x-envoy-peer-metadata-id: sidecar~{client.ip}~{client.name}.{client.ns}~"
+                f"{client.ns}.svc.cluster.local\r\nx-envoy-peer-metadata: \r\n")
+        if c.x_forwarded_for:
+            head += f"x-forwarded-for: {c.x_forwarded_for}\r\n"
+        head += "\r\n"
+        return len(head) + self.peer_metadata[client.name] + c.bytes_received
+
+    def mesh_response(self, c: HttpCall, server: Pod) -> int:
+        head = (f"HTTP/1.1 {c.status} OK\r\ncontent-type: text/html; charset=utf-8\r\n"
+                f"content-length: {c.bytes_sent}\r\ndate: {_http_date(c.start)}\r\n"
+                f"x-envoy-upstream-service-time: {c.server_duration}\r\n"
+                f"x-envoy-peer-metadata-id: sidecar~{server.ip}~{server.name}.{server.ns}~"
+                f"{server.ns}.svc.cluster.local\r\nx-envoy-peer-metadata: \r\n"
+                "server: istio-envoy\r\n\r\n")
+        return len(head) + self.peer_metadata[server.name] + c.bytes_sent
+
+    @staticmethod
+    def plain_response(status: int, reason: str, ctype: str, body: bytes, at: datetime,
+                       service_time: int | None) -> bytes:
+        head = (f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\n"
+                f"content-type: {ctype}\r\ndate: {_http_date(at)}\r\n")
+        if service_time is not None:
+            head += f"x-envoy-upstream-service-time: {service_time}\r\n"
+        head += "server: istio-envoy\r\n\r\n"
+        return head.encode() + body
+
+    # -- connections ---------------------------------------------------------------------
+    def tls_setup(self, conn: TcpConn, t: int, sni: str, alpn: tuple[str, ...],
+                  server_flight: int, client_flight: int) -> int:
+        """ClientHello, ServerHello + CCS + encrypted server flight, CCS + client flight."""
+        hello = client_hello(self.rng, sni, alpn)
+        t = conn.send(t + 25, True, hello)
+        sh = server_hello(self.rng, session_id_of(hello))
+        t = conn.send(t + conn.rtt_us // 2 + 350, False, sh + encrypted(self.keys, server_flight))
+        ccs = b"\x14\x03\x03\x00\x01\x01"
+        return conn.send(t + conn.rtt_us // 2 + 300, True,
+                         ccs + encrypted(self.keys, client_flight))
+
+    def close_tls(self, conn: TcpConn, t: int, client_first: bool) -> int:
+        """close_notify (an encrypted alert), then FIN both ways."""
+        t = conn.send(t, client_first, encrypted(self.keys, 2))
+        return conn.close(t + 30, client_first)
+
+    def mesh(self, events: list[WireEvent]) -> None:
+        first = events[0].call
+        assert first is not None
+        client = self.pod_at(first.client_ip, first.start)
+        server = self.pod_at(first.server_ip, first.start)
+        conn = TcpConn(self.w, self.ep(client), self.ep(server), first.conn_port,
+                       first.target_port, self.rng, self.rtt(client, server))
+        opened = first.start - timedelta(microseconds=self.rng.randint(1200, 1900))
+        sni = mtls_sni(first.service_port, service_fqdn(first.service, first.namespace))
+        t = conn.handshake(_us(opened))
+        # Server: EncryptedExtensions, CertificateRequest, Certificate (RSA-2048 workload
+        # certificate and the mesh CA), CertificateVerify, Finished; client: Certificate,
+        # CertificateVerify, Finished.
+        t = self.tls_setup(conn, t, sni, ISTIO_HTTP11_ALPN, self.rng.randint(2150, 2250),
+                           self.rng.randint(1850, 1950))
+        last = first.start
+        for ev in events:
+            c = ev.call
+            assert c is not None
+            t = conn.send(max(_us(c.start), t + 20), True,
+                          encrypted(self.keys, self.mesh_request(c, client)))
+            done = c.start + timedelta(milliseconds=c.duration)
+            t = conn.send(max(_us(done), t + 200), False,
+                          encrypted(self.keys, self.mesh_response(c, server)))
+            last = done
+        # Closed by the client's idle timeout, or when either pod goes away.
+        ends = [(last + ENVOY_IDLE_TIMEOUT, True)]
+        if server.deleted is not None:
+            ends.append((server.deleted + timedelta(seconds=5), False))
+        if client.finished is not None:
+            ends.append((client.finished - timedelta(milliseconds=300), True))
+        close_at, client_first = min(ends)
+        closed: datetime | None = None
+        if close_at < WINDOW_END:
+            t = self.close_tls(conn, max(_us(close_at), t + 100), client_first)
+            closed = _EPOCH + timedelta(microseconds=t)
+        self.conns.append(WireConn("mesh", "tcp", self.node_id(client), self.node_id(server),
+                                   client.ip, first.conn_port, server.ip, first.target_port,
+                                   opened, closed, len(events), sni))
+
+    def plain(self, ev: WireEvent) -> None:
+        """curl from the unmeshed client: its own connection, cleartext HTTP/1.1."""
+        c = ev.call
+        assert c is not None
+        server = self.pod_at(c.server_ip, c.start)
+        client = self.pod_at(c.client_ip, c.start)
+        conn = TcpConn(self.w, self.ep(client), self.ep(server), c.conn_port, c.target_port,
+                       self.rng, self.rtt(client, server))
+        opened = c.start - timedelta(microseconds=self.rng.randint(300, 700))
+        t = conn.handshake(_us(opened))
+        req = (f"{c.method} {c.path} HTTP/1.1\r\nHost: {c.authority}\r\n"
+               f"User-Agent: {c.user_agent}\r\nAccept: */*\r\n\r\n").encode()
+        t = conn.send(max(_us(c.start), t + 30), True, req)
+        if ev.denied:
+            resp = self.plain_response(403, "Forbidden", "text/plain", b"RBAC: access denied",
+                                       c.start, None)
+            done = c.start + timedelta(microseconds=self.rng.randint(300, 600))
+        else:
+            resp = self.plain_response(200, "OK", "application/json",
+                                       _body(c.bytes_sent, c.path), c.start, c.server_duration)
+            done = c.start + timedelta(milliseconds=c.duration)
+        t = conn.send(max(_us(done), t + 100), False, resp)
+        t = conn.close(t + 150, client_first=True)
+        self.conns.append(WireConn("plain", "tcp", self.node_id(client), self.node_id(server),
+                                   client.ip, c.conn_port, server.ip, c.target_port, opened,
+                                   _EPOCH + timedelta(microseconds=t), 1))
+
+    def ingress(self, ev: WireEvent) -> None:
+        """An internet client to the gateway pod (after the node's DNAT), cleartext."""
+        c = ev.call
+        assert c is not None
+        gw = self.pod_at(c.client_ip, c.start)
+        conn = TcpConn(self.w, self.outside(ev.ext_ip, gw), self.ep(gw), ev.ext_port, 8080,
+                       self.rng, self.rng.randint(18_000, 70_000))
+        opened = c.start - timedelta(microseconds=conn.rtt_us + self.rng.randint(100, 400))
+        t = conn.handshake(_us(opened))
+        req = f"{c.method} {c.path} HTTP/1.1\r\nHost: {c.authority}\r\n"
+        req += f"User-Agent: {c.user_agent}\r\n"
+        if c.user_agent and c.user_agent.startswith("python-requests"):
+            req += "Accept-Encoding: gzip, deflate\r\nAccept: */*\r\nConnection: keep-alive\r\n"
+        else:
+            req += ("Accept: text/html,application/xhtml+xml,*/*;q=0.8\r\n"
+                    "Accept-Language: en-US,en;q=0.9\r\nConnection: keep-alive\r\n")
+        body = b"username=jason&passwd=jason12"[: c.bytes_received]
+        if c.method == "POST":
+            req += ("Content-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: {len(body)}\r\n")
+        data = (req + "\r\n").encode() + (body if c.method == "POST" else b"")
+        t = conn.send(max(_us(c.start), t + 30), True, data, ack_after_us=200)
+        done = c.start + timedelta(milliseconds=c.duration)
+        if c.status == 302:
+            resp = self.plain_response(302, "FOUND", "text/html; charset=utf-8",
+                                       _body(c.bytes_sent, c.path), c.start, c.duration - 1)
+        else:
+            ctype = ("text/css" if c.path.endswith(".css") else "application/javascript"
+                     if c.path.endswith(".js") else "application/json"
+                     if c.path.startswith("/api/") else "text/html; charset=utf-8")
+            resp = self.plain_response(200, "OK", ctype, _body(c.bytes_sent, c.path), c.start,
+                                       c.duration - 1)
+        t = conn.send(max(_us(done), t + 100), False, resp, ack_after_us=conn.rtt_us)
+        t = conn.close(t + self.rng.randint(400_000, 4_000_000), client_first=True)
+        self.conns.append(WireConn("ingress", "tcp", "external:internet", self.node_id(gw),
+                                   ev.ext_ip, ev.ext_port, gw.ip, 8080, opened,
+                                   _EPOCH + timedelta(microseconds=t), 1))
+
+    def egress(self, ev: WireEvent) -> None:
+        """DNS lookup of the external host, then the sidecar's passthrough TLS connection."""
+        e = ev.tcp
+        assert e is not None and e.upstream_local_address and e.requested_server_name
+        host, ip, port = EXTERNAL_API
+        client_ip, conn_port = e.upstream_local_address.rsplit(":", 1)
+        pod = self.pod_at(client_ip, e.start)
+        # The app resolves the name first (search domains after ndots:5 fail fast; only the
+        # final query is shown).
+        asked = e.start - timedelta(milliseconds=self.rng.randint(3, 6))
+        qid, qport = self.rng.getrandbits(16), self.rng.randint(32768, 60999)
+        query = dns_query(qid, host)
+        udp_exchange(self.w, _us(asked), self.ep(pod), self.outside(KUBE_DNS[0], pod), qport,
+                     KUBE_DNS[1], query, dns_answer(query, ip, 60), self.rng.randint(300, 600),
+                     self.rng.getrandbits(16))
+        self.conns.append(WireConn("dns", "udp", self.node_id(pod), f"unknown:{KUBE_DNS[0]}",
+                                   pod.ip, qport, KUBE_DNS[0], KUBE_DNS[1], asked, asked))
+        conn = TcpConn(self.w, self.ep(pod), self.outside(ip, pod), int(conn_port), port,
+                       self.rng, self.rng.randint(25_000, 45_000))
+        opened = e.start + timedelta(microseconds=self.rng.randint(200, 500))
+        t = conn.handshake(_us(opened))
+        hello = client_hello(self.rng, e.requested_server_name, ())
+        t = conn.send(t + 40, True, hello)
+        sh = server_hello(self.rng, session_id_of(hello))
+        flight = self.rng.randint(2900, 3300)
+        t = conn.send(t + conn.rtt_us // 2 + 900, False, sh + encrypted(self.keys, flight))
+        ccs = b"\x14\x03\x03\x00\x01\x01"
+        fin = encrypted(self.keys, 36)
+        t = conn.send(t + conn.rtt_us // 2 + 500, True, ccs + fin)
+        # The rest of the log's byte counts is application data (and close_notify).
+        up = e.bytes_received - len(hello) - len(ccs) - len(fin) - 24
+        down = e.bytes_sent - len(sh) - (flight + 22) - 24
+        t = conn.send(t + 50, True, encrypted(self.keys, up - 22))
+        t = conn.send(t + conn.rtt_us + 2000, False, encrypted(self.keys, down - 22))
+        end = max(_us(e.start + timedelta(milliseconds=e.duration)), t + 100)
+        t = conn.send(end, True, encrypted(self.keys, 2))
+        t = conn.send(t + conn.rtt_us // 2, False, encrypted(self.keys, 2))
+        t = conn.close(t + 60, client_first=True)
+        self.conns.append(WireConn("egress", "tcp", self.node_id(pod), f"external:{host}",
+                                   pod.ip, int(conn_port), ip, port, opened,
+                                   _EPOCH + timedelta(microseconds=t), 0,
+                                   e.requested_server_name))
+
+    def failed(self) -> None:
+        legacy_ip = next(p.ip for p in self.traffic.pods.values() if p.workload is LEGACY)
+        for at, ip, port, refused in FAILED_ATTEMPTS:
+            client = self.pod_at(legacy_ip, at)
+            target = next((p for p in self.traffic.pods.values() if p.ip == ip), None)
+            server = self.ep(target) if target else Endpoint(ip, 2, mac_for(ip))
+            cport = self.rng.randint(32768, 60999)
+            conn = TcpConn(self.w, self.ep(client), server, cport, port, self.rng, 90)
+            if refused:
+                conn.refused(_us(at))
+            else:
+                conn.unanswered(_us(at))
+            dst = self.node_id(target) if target else f"unknown:{ip}"
+            self.conns.append(WireConn("refused" if refused else "no-answer", "tcp",
+                                       self.node_id(client), dst, client.ip, cport, ip, port,
+                                       at, at))
+
+    def run(self) -> bytes:
+        pooled: dict[tuple[str, int, str, int], list[WireEvent]] = {}
+        for ev in self.traffic.wire:
+            if ev.kind == "mesh":
+                c = ev.call
+                assert c is not None
+                pooled.setdefault((c.client_ip, c.conn_port, c.server_ip, c.target_port),
+                                  []).append(ev)
+        order = sorted(pooled.values(), key=lambda evs: min(e.call.start for e in evs
+                                                           if e.call))
+        for events in order:
+            self.mesh(sorted(events, key=lambda e: e.call.start if e.call else WINDOW_START))
+        for ev in sorted((e for e in self.traffic.wire if e.kind != "mesh"),
+                         key=lambda e: e.call.start if e.call else
+                         (e.tcp.start if e.tcp else WINDOW_START)):
+            {"plain": self.plain, "ingress": self.ingress, "egress": self.egress}[ev.kind](ev)
+        self.failed()
+        self.conns.sort(key=lambda c: (c.opened, c.client_ip, c.client_port))
+        return self.w.getvalue()
+
+
+def build_capture(traffic: Traffic, seed: int) -> tuple[bytes, list[WireConn]]:
+    """The capture of ``traffic`` (already run): pcap bytes and its connections."""
+    builder = _CaptureBuilder(traffic, seed)
+    data = builder.run()
+    return data, builder.conns
+
+
+def capture_connections(seed: int = DEFAULT_SEED) -> list[WireConn]:
+    """The connections the shipped capture holds (for tests): rebuilt from the model."""
+    traffic = Traffic(seed)
+    traffic.run()
+    return build_capture(traffic, seed)[1]
+
+
 README_TEMPLATE = """\
 # Bookinfo sample dump
 
@@ -904,6 +1316,8 @@ It is what you would collect from a kind cluster running Istio's Bookinfo sample
   layout): pilot-agent lines (tab-separated `time level [scope] message`) followed by access
   lines. Lines are in the order Envoy flushes them (by completion), so `START_TIME` is not
   monotonic. The log of the deleted ratings pod is included (collected before it was deleted).
+- `../bookinfo-capture/nodes.pcap.gz` - the same traffic as packets (see "Packet capture"
+  below).
 
 ## Cluster
 
@@ -961,6 +1375,54 @@ Ports are the workloads' ports (targetPort); principals are `cluster.local/ns/<n
 10. Idle: istiod (no access-logged traffic). ratings-v1's first pod
     (`ratings-v1-5dc7d8b4c9-vgfnq`) is not in the inventory.
 
+## Packet capture
+
+`samples/bookinfo-capture/nodes.pcap.gz` is what `tcpdump -i any -s {snaplen} -w nodes.pcap` on both nodes
+records for the traffic above over the whole window (gzip-compressed; meshwright and tshark
+read it as is): classic pcap, link type 276 (`LINUX_SLL2`, libpcap's `any` device), snapshot
+length {snaplen} (headers and the first bytes of every segment; IP lengths keep the real
+sizes). Analyse it alone with the inventory:
+
+    meshwright analyze samples/bookinfo-capture --inventory samples/bookinfo/inventory.json -o out/
+
+(It lives beside `samples/bookinfo`, not in it: analysing logs and packets of the same
+traffic together would count it twice.)
+
+What is on the wire:
+
+- Sidecar to sidecar (gateway -> productpage, productpage -> details/reviews, reviews ->
+  ratings, nightly-report -> details): pod IP to pod IP on the targetPort, over the client
+  sidecar's pooled upstream connection (the `upstream_local_address` port of the logs): one TCP
+  connection per pooled port, kept open across requests and closed by Envoy's 1 h idle timeout
+  or when a pod goes away (still open when the capture stops otherwise; silences between
+  requests last up to ~55 min). Each starts with a TLS 1.3 ClientHello with SNI
+  `outbound_.9080_._.<service>.bookinfo.svc.cluster.local` and ALPN `istio-http/1.1`, `istio`,
+  `http/1.1` (pilot's `mtlsHTTP11ALPN`), a ServerHello, then encrypted records sized like the
+  requests and responses (with Envoy's added headers).
+- legacy-client -> ratings and the three denied requests to reviews: cleartext HTTP/1.1 from
+  curl, one connection per request (the 403 is the server sidecar's `RBAC: access denied`).
+- Internet clients -> the gateway pod 10.244.2.5:8080 (after the node's DNAT;
+  `externalTrafficPolicy: Local` keeps the client address): cleartext HTTP/1.1, one connection
+  per request, as the gateway's log lines show.
+- reviews-v3 -> api.example.com: a DNS query to kube-dns (Service 10.96.0.10:53, as the pod's
+  veth sees it before DNAT; not in the inventory) answered with 198.51.100.23, then TLS with
+  SNI `api.example.com` from the sidecar's passthrough connection.
+- Failed attempts by legacy-client: two connections to istiod 10.244.1.5:9080 refused (SYN
+  answered by RST) and one SYN to 10.244.2.40:9080, where no pod is, retransmitted without
+  answer. They are evidence, not traffic to allow.
+- Not on the wire: the 503 `no_healthy_upstream` (reviews-v2's own sidecar answered it) and
+  the app <-> sidecar hops inside each pod (loopback in the pod's network namespace).
+
+Simplifications: each packet appears once, as recorded on the sending pod's veth (a real
+`-i any` capture also holds the copy on the receiving veth or on eth0; the two nodes'
+captures were merged and such duplicates removed); large messages are single GSO
+super-segments; ciphertext bytes are slices of one random block (the file has no keys, only
+record sizes carry information; this keeps the compressed file small).
+
+Connections in the capture:
+
+{capture}
+
 Traps a correct analysis avoids:
 
 - **IP reuse**: 10.244.1.14 is ratings-v1's first pod until 09:00:00 and legacy-client from
@@ -979,12 +1441,26 @@ Traps a correct analysis avoids:
 """
 
 
-def readme(counts: dict[str, int]) -> str:
+def capture_table(conns: list[WireConn]) -> str:
+    """Markdown table: connections per (client, server, port, kind) in the capture."""
+    per: dict[tuple[str, str, int, str], list[int]] = {}
+    for c in conns:
+        acc = per.setdefault((c.client, c.server, c.server_port, c.kind), [0, 0])
+        acc[0] += 1
+        acc[1] += c.requests
+    rows = ["| connections | requests | client | server | port | kind |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {n} | {r} | {a} | {b} | {port} | {kind} |"
+             for (a, b, port, kind), (n, r) in sorted(per.items())]
+    return "\n".join(rows)
+
+
+def readme(counts: dict[str, int], conns: list[WireConn]) -> str:
     rows = ["| lines | what |", "|---|---|"]
     rows += [f"| {n} | {name} |" for name, n in sorted(counts.items())]
     return README_TEMPLATE.format(
         istio=ISTIO_VERSION, start=ts(WINDOW_START), end=ts(WINDOW_END), job=CRON_JOB_NAME,
-        counts="\n".join(rows))
+        counts="\n".join(rows), snaplen=CAPTURE_SNAPLEN, capture=capture_table(conns))
 
 
 @dataclass
@@ -993,11 +1469,14 @@ class Summary:
     counts: dict[str, int]
 
 
-def generate(out_dir: Path, seed: int = DEFAULT_SEED, encoding: str = "text") -> Summary:
+def generate(out_dir: Path, seed: int = DEFAULT_SEED, encoding: str = "text",
+             capture_dir: Path | None = None) -> Summary:
     """Write the sample into ``out_dir`` (created); return what was written.
 
     ``encoding`` "json" writes the access lines in Istio's JSON encoding
     (``meshConfig.accessLogEncoding: JSON``) instead of the default TEXT format.
+    ``capture_dir``: also write the packet capture of the same traffic there (its own
+    directory, not inside ``out_dir``); ``Summary.files`` lists it as ``capture/<name>``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -1014,7 +1493,14 @@ def generate(out_dir: Path, seed: int = DEFAULT_SEED, encoding: str = "text") ->
         with path.open("w", encoding="utf-8", newline="\n") as fh:
             fh.write(body)
         written.append(rel)
-    (out_dir / "README.md").write_text(readme(traffic.counts), encoding="utf-8")
+    capture, conns = build_capture(traffic, seed)
+    if capture_dir is not None:
+        capture_dir.mkdir(parents=True, exist_ok=True)
+        # gzip without a name or time in its header: the same bytes on every run.
+        (capture_dir / CAPTURE_FILE).write_bytes(
+            gzip.compress(capture, compresslevel=9, mtime=0))
+        written.append(f"capture/{CAPTURE_FILE}")
+    (out_dir / "README.md").write_text(readme(traffic.counts, conns), encoding="utf-8")
     written.append("README.md")
     return Summary(sorted(written), dict(sorted(traffic.counts.items())))
 
@@ -1026,7 +1512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoding", choices=["text", "json"], default="text",
                     help="access-log encoding (meshConfig.accessLogEncoding)")
     args = ap.parse_args(argv)
-    summary = generate(args.output, args.seed, args.encoding)
+    summary = generate(args.output, args.seed, args.encoding,
+                       capture_dir=args.output.parent / CAPTURE_DIR)
     for name, n in summary.counts.items():
         print(f"{n:6d}  {name}")
     print(f"wrote {len(summary.files)} files to {args.output}")

@@ -1,0 +1,688 @@
+/*
+ * Compiled kernel of the packet capture reader (observe/pcap.py) and tracker
+ * (observe/conntrack.py).
+ *
+ * Each function does exactly what a numpy path in those modules does (the tests run both and
+ * compare): walking pcap record headers and pcapng blocks (the only sequential parts of a
+ * read), decoding every record's link/IP/transport headers with overlays, and gathering
+ * payload bytes. Buffers come in through the buffer protocol (numpy arrays, bytes); results go
+ * back as bytearrays that Python views with numpy.frombuffer. Loops run without the GIL.
+ *
+ * Every read of the capture buffer is bounds checked against the buffer's length (bytes past
+ * it read as 0), and reads past a record's end see the same bytes numpy's gathers see (the
+ * reader pads each buffer with zeros), so damaged records give the same result both ways.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, const char *what) {
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    b->held = 1;
+    if (itemsize > 1 && b->view.len % itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: length is not a multiple of %zd", what, itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static void rel_buf(Buf *b) {
+    if (b->held) PyBuffer_Release(&b->view);
+    b->held = 0;
+}
+
+/* A bytearray of n items of size sz; *out points to its storage. */
+static PyObject *new_array(Py_ssize_t n, Py_ssize_t sz, void **out) {
+    PyObject *o = PyByteArray_FromStringAndSize(NULL, n * sz);
+    if (o == NULL) return NULL;
+    *out = PyByteArray_AS_STRING(o);
+    return o;
+}
+
+/* --- bounded reads ------------------------------------------------------------------------ */
+
+typedef struct {
+    const uint8_t *b;
+    int64_t len;
+} Cap;
+
+static inline int64_t u8(const Cap *c, int64_t o) {
+    return (o >= 0 && o < c->len) ? c->b[o] : 0;
+}
+
+static inline int64_t u16(const Cap *c, int64_t o) {
+    if (o >= 0 && o + 2 <= c->len) return ((int64_t)c->b[o] << 8) | c->b[o + 1];
+    return (u8(c, o) << 8) | u8(c, o + 1);
+}
+
+static inline int64_t u32(const Cap *c, int64_t o) {
+    if (o >= 0 && o + 4 <= c->len)
+        return ((int64_t)c->b[o] << 24) | ((int64_t)c->b[o + 1] << 16) |
+               ((int64_t)c->b[o + 2] << 8) | c->b[o + 3];
+    return (u8(c, o) << 24) | (u8(c, o + 1) << 16) | (u8(c, o + 2) << 8) | u8(c, o + 3);
+}
+
+static inline int64_t u32le(const Cap *c, int64_t o) {
+    if (o >= 0 && o + 4 <= c->len)
+        return ((int64_t)c->b[o + 3] << 24) | ((int64_t)c->b[o + 2] << 16) |
+               ((int64_t)c->b[o + 1] << 8) | c->b[o];
+    return (u8(c, o + 3) << 24) | (u8(c, o + 2) << 16) | (u8(c, o + 1) << 8) | u8(c, o);
+}
+
+static inline uint64_t u64(const Cap *c, int64_t o) {
+    return ((uint64_t)u32(c, o) << 32) | (uint64_t)u32(c, o + 4);
+}
+
+/* --- pcapng block walk --------------------------------------------------------------------- */
+
+#define MAX_RECORD (16LL << 20)
+
+/* ng_walk(buf, pos, n, big) -> (offsets, kinds, end)
+ *
+ * Consecutive packet blocks (EPB 6, SPB 3, PB 2) of the current section from offset pos, as
+ * long as each is whole below n and well formed (length >= 12, a multiple of 4, at most
+ * MAX_RECORD + 4096, trailer equal to the length). Stops at anything else (end = its offset):
+ * the caller handles that block (or the damage, or the need for more data) itself. */
+static PyObject *ng_walk(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o;
+    Py_ssize_t pos0, n;
+    int big;
+    if (!PyArg_ParseTuple(args, "Onnp", &buf_o, &pos0, &n, &big)) return NULL;
+    Buf buf = {0};
+    PyObject *res = NULL, *a = NULL, *k = NULL;
+    if (get_buf(buf_o, &buf, 1, "buf") < 0) goto done;
+    if (n > buf.view.len || pos0 < 0) {
+        PyErr_SetString(PyExc_ValueError, "ng_walk: bad range");
+        goto done;
+    }
+    Cap cp = {buf.view.buf, (int64_t)n};
+    int64_t count = 0, pos = pos0;
+    for (int pass = 0; pass < 2; pass++) {
+        int64_t *offs = NULL, *kinds = NULL;
+        if (pass == 1) {
+            if (!(a = new_array(count, 8, (void **)&offs)) ||
+                !(k = new_array(count, 8, (void **)&kinds)))
+                goto done;
+        }
+        int64_t i = 0;
+        pos = pos0;
+        Py_BEGIN_ALLOW_THREADS
+        while (pos + 12 <= n) {
+            if (memcmp(cp.b + pos, "\x0a\x0d\x0d\x0a", 4) == 0) break;
+            int64_t btype = big ? u32(&cp, pos) : u32le(&cp, pos);
+            int64_t blen = big ? u32(&cp, pos + 4) : u32le(&cp, pos + 4);
+            if (btype != 6 && btype != 3 && btype != 2) break;
+            if (blen < 12 || blen % 4 || blen > MAX_RECORD + 4096) break;
+            if (pos + blen > n) break;
+            int64_t trail = big ? u32(&cp, pos + blen - 4) : u32le(&cp, pos + blen - 4);
+            if (trail != blen) break;
+            if (pass == 1) {
+                offs[i] = pos;
+                kinds[i] = btype;
+            }
+            i++;
+            pos += blen;
+        }
+        Py_END_ALLOW_THREADS
+        count = i;
+    }
+    res = Py_BuildValue("(OOL)", a, k, (long long)pos);
+done:
+    Py_XDECREF(a);
+    Py_XDECREF(k);
+    rel_buf(&buf);
+    return res;
+}
+
+/* --- header decode ------------------------------------------------------------------------- */
+
+#define ET_IPV4 0x0800
+#define ET_IPV6 0x86DD
+#define ET_PPPOE 0x8864
+#define ET_TEB 0x6558
+#define MAX_ENCAP 3
+#define MAX_VLAN 4
+
+static int supported_lt(int64_t lt) {
+    switch (lt) {
+    case 0: case 1: case 12: case 14: case 101: case 108: case 113: case 228: case 229:
+    case 276:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int is_vlan(int64_t et) { return et == 0x8100 || et == 0x88A8 || et == 0x9100; }
+static int is_mpls(int64_t et) { return et == 0x8847 || et == 0x8848; }
+static int64_t et_of_version(int64_t ver) {
+    return ver == 4 ? ET_IPV4 : (ver == 6 ? ET_IPV6 : 0);
+}
+
+/* pcap._link for one record: L3 offset, ethertype, reason (0 ok, 1 link type, 2 non-IP,
+ * 3 truncated). */
+static int link_layer(const Cap *c, int64_t start, int64_t end, int64_t lt, int64_t *l3_out,
+                      int64_t *et_out) {
+    int64_t l3 = start, et = 0, avail = end - start;
+    int shortp = 0;
+    switch (lt) {
+    case 1:
+        et = u16(c, start + 12);
+        l3 = start + 14;
+        shortp = avail < 14;
+        break;
+    case 113:
+        et = u16(c, start + 14);
+        l3 = start + 16;
+        shortp = avail < 16;
+        break;
+    case 276:
+        et = u16(c, start);
+        l3 = start + 20;
+        shortp = avail < 20;
+        break;
+    case 101: case 12: case 14: case 228: case 229:
+        et = et_of_version(u8(c, start) >> 4);
+        shortp = avail < 1;
+        break;
+    case 0: case 108: {
+        int64_t le = u32le(c, start), be = u32(c, start);
+        if (le == 2 || be == 2)
+            et = ET_IPV4;
+        else if (le == 24 || le == 28 || le == 30 || be == 24 || be == 28 || be == 30)
+            et = ET_IPV6;
+        else
+            et = 0;
+        l3 = start + 4;
+        shortp = avail < 4;
+        break;
+    }
+    default:
+        break;
+    }
+    for (int it = 0; it < MAX_VLAN && !shortp; it++) {
+        if (is_vlan(et)) {
+            if (l3 + 4 > end) {
+                shortp = 1;
+                break;
+            }
+            et = u16(c, l3 + 2);
+            l3 += 4;
+        } else if (et == ET_PPPOE) {
+            if (l3 + 8 > end) {
+                shortp = 1;
+                break;
+            }
+            int64_t ppp = u16(c, l3 + 6);
+            et = ppp == 0x21 ? ET_IPV4 : (ppp == 0x57 ? ET_IPV6 : 0);
+            l3 += 8;
+        } else if (is_mpls(et)) {
+            for (int lbl = 0; lbl < 8; lbl++) {
+                if (l3 + 4 > end) {
+                    shortp = 1;
+                    break;
+                }
+                int bos = (u8(c, l3 + 2) & 1) == 1;
+                l3 += 4;
+                if (bos) {
+                    et = et_of_version(u8(c, l3) >> 4);
+                    break;
+                }
+            }
+        } else {
+            break;
+        }
+    }
+    *l3_out = l3;
+    *et_out = et;
+    if (!supported_lt(lt)) return 1;
+    if (shortp) return 3;
+    if (et != ET_IPV4 && et != ET_IPV6) return 2;
+    return 0;
+}
+
+typedef struct {
+    int64_t ver, proto, l4, l4_len, frag, why; /* why: 0 ok, 3 malformed, 4 later fragment */
+    uint64_t src_hi, src_lo, dst_hi, dst_lo;
+} IpInfo;
+
+static void ip_layer(const Cap *c, int64_t o, int64_t e, int64_t et, IpInfo *r) {
+    memset(r, 0, sizeof(*r));
+    int bad = 0, later = 0;
+    if (et == ET_IPV4) {
+        int64_t vb = u8(c, o), ihl = (vb & 0xF) * 4, tot = u16(c, o + 2), fr = u16(c, o + 6);
+        bad = (o + 20 > e) || ((vb >> 4) != 4) || (ihl < 20) || (o + ihl > e);
+        if (tot == 0) tot = e - o;
+        bad |= tot < ihl;
+        r->ver = 4;
+        r->proto = u8(c, o + 9);
+        r->src_lo = (uint64_t)u32(c, o + 12) | 0xFFFF00000000ULL;
+        r->dst_lo = (uint64_t)u32(c, o + 16) | 0xFFFF00000000ULL;
+        r->l4 = o + ihl;
+        r->l4_len = tot - ihl;
+        int64_t off = fr & 0x1FFF;
+        int mf = (fr & 0x2000) != 0;
+        later = off > 0;
+        r->frag = (off == 0 && mf) ? 1 : 0;
+    } else if (et == ET_IPV6) {
+        bad = (o + 40 > e) || ((u8(c, o) >> 4) != 6);
+        int64_t plen = u16(c, o + 4), nh = u8(c, o + 6);
+        r->ver = 6;
+        r->src_hi = u64(c, o + 8);
+        r->src_lo = u64(c, o + 16);
+        r->dst_hi = u64(c, o + 24);
+        r->dst_lo = u64(c, o + 32);
+        int64_t cur = o + 40, remaining = plen;
+        for (int it = 0; it < 6; it++) {
+            int x = (nh == 0 || nh == 43 || nh == 60 || nh == 51 || nh == 44 || nh == 135) && !bad;
+            if (!x) break;
+            if (cur + 8 > e) {
+                bad = 1;
+                break;
+            }
+            int64_t hlen = nh == 44 ? 8 : (nh == 51 ? (u8(c, cur + 1) + 2) * 4
+                                                    : (u8(c, cur + 1) + 1) * 8);
+            if (nh == 44) {
+                int64_t fo = u16(c, cur + 2);
+                if ((fo >> 3) > 0) later = 1;
+                if ((fo >> 3) == 0 && (fo & 1) == 1) r->frag = 1;
+            }
+            nh = u8(c, cur);
+            cur += hlen;
+            remaining -= hlen;
+        }
+        bad |= remaining < 0;
+        r->proto = nh;
+        r->l4 = cur;
+        r->l4_len = remaining;
+    } else {
+        bad = 1;
+    }
+    r->why = bad ? 3 : (later ? 4 : 0);
+}
+
+typedef struct {
+    int64_t sport, dport, flags, seq, ack, win, plen, poff;
+    int bad;
+} L4Info;
+
+static void transport(const Cap *c, int64_t o, int64_t l4_len, int64_t e, int64_t proto,
+                      L4Info *t) {
+    memset(t, 0, sizeof(*t));
+    t->poff = o;
+    t->plen = l4_len > 0 ? l4_len : 0;
+    if (proto == 6) {
+        int64_t doff = (u8(c, o + 12) >> 4) * 4;
+        t->bad = (o + 20 > e) || (doff < 20) || (o + doff > e) || (l4_len < doff);
+        t->sport = u16(c, o);
+        t->dport = u16(c, o + 2);
+        t->seq = u32(c, o + 4);
+        t->ack = u32(c, o + 8);
+        t->flags = u8(c, o + 13) | ((u8(c, o + 12) & 1) << 8);
+        t->win = u16(c, o + 14);
+        t->poff = o + doff;
+        t->plen = l4_len - doff > 0 ? l4_len - doff : 0;
+    } else if (proto == 17) {
+        t->bad = (o + 8 > e) || (l4_len < 8);
+        t->sport = u16(c, o);
+        t->dport = u16(c, o + 2);
+        int64_t ulen = u16(c, o + 4);
+        if (!(ulen >= 8 && ulen <= l4_len)) ulen = l4_len;
+        t->poff = o + 8;
+        t->plen = ulen - 8 > 0 ? ulen - 8 : 0;
+    }
+}
+
+enum {
+    C_IDX, C_VER, C_SRC_HI, C_SRC_LO, C_DST_HI, C_DST_LO, C_PROTO, C_SPORT, C_DPORT, C_FLAGS,
+    C_SEQ, C_ACK, C_WIN, C_PLEN, C_POFF, C_PCAP, C_TUNNEL, C_FRAG, C_TS, C_CAP, C_WIRE, NCOLS
+};
+/* decode() returns the first NDEC columns, pcap_decode() all NCOLS. */
+#define NDEC C_TS
+static const Py_ssize_t col_size[NCOLS] = {8, 1, 8, 8, 8, 8, 1, 2, 2, 2, 8, 8, 2, 8, 8, 8, 1, 1,
+                                           8, 8, 8};
+
+/* pcap._decode for one record buf[start:e] of link type lt: the reason (0 ok, 1 link type,
+ * 2 non-IP, 3 malformed, 4 later fragment) and, when ok, row m of the columns. */
+static int decode_record(const Cap *cp, int64_t start, int64_t e, int64_t lt, void **col,
+                         Py_ssize_t m, Py_ssize_t rec) {
+    int64_t l3, et;
+    int why = link_layer(cp, start, e, lt, &l3, &et);
+    int tunnel = 0;
+    IpInfo ip;
+    L4Info tp;
+    if (why != 0) return why;
+    for (int level = 0; level <= MAX_ENCAP; level++) {
+        ip_layer(cp, l3, e, et, &ip);
+        transport(cp, ip.l4, ip.l4_len, e, ip.proto, &tp);
+        why = (int)ip.why;
+        if (why == 0 && tp.bad) why = 3;
+        if (why != 0 || level == MAX_ENCAP) break;
+        int vx = ip.proto == 17 && (tp.dport == 4789 || tp.dport == 8472);
+        int gn = ip.proto == 17 && tp.dport == 6081;
+        int ii = ip.frag == 0 && (ip.proto == 4 || ip.proto == 41);
+        int64_t nl3 = 0, net = 0;
+        int nok = 0, kind = 0;
+        int64_t p = tp.poff;
+        if (vx) {
+            kind = 1;
+            if (p + 8 + 14 <= e && (u8(cp, p) & 0x08) != 0) {
+                nok = link_layer(cp, p + 8, e, 1, &nl3, &net) == 0;
+                nok = nok && nl3 <= e;
+            }
+        } else if (gn) {
+            kind = 2;
+            if (p + 8 <= e) {
+                int64_t optlen = (u8(cp, p) & 0x3F) * 4, gpt = u16(cp, p + 2);
+                int64_t inner = p + 8 + optlen;
+                if (gpt == ET_TEB)
+                    nok = link_layer(cp, inner, e, 1, &nl3, &net) == 0;
+                else if (gpt == ET_IPV4 || gpt == ET_IPV6) {
+                    nl3 = inner;
+                    net = gpt;
+                    nok = 1;
+                }
+                nok = nok && nl3 <= e;
+            }
+        } else if (ii) {
+            kind = 3;
+            nl3 = ip.l4;
+            net = ip.proto == 4 ? ET_IPV4 : ET_IPV6;
+            nok = 1;
+        }
+        if (!nok) break;
+        tunnel = kind;
+        l3 = nl3;
+        et = net;
+    }
+    if (why != 0) return why;
+    int64_t pc = e - tp.poff;
+    if (pc < 0) pc = 0;
+    if (pc > tp.plen) pc = tp.plen;
+    ((int64_t *)col[C_IDX])[m] = rec;
+    ((int8_t *)col[C_VER])[m] = (int8_t)ip.ver;
+    ((uint64_t *)col[C_SRC_HI])[m] = ip.src_hi;
+    ((uint64_t *)col[C_SRC_LO])[m] = ip.src_lo;
+    ((uint64_t *)col[C_DST_HI])[m] = ip.dst_hi;
+    ((uint64_t *)col[C_DST_LO])[m] = ip.dst_lo;
+    ((uint8_t *)col[C_PROTO])[m] = (uint8_t)ip.proto;
+    ((uint16_t *)col[C_SPORT])[m] = (uint16_t)tp.sport;
+    ((uint16_t *)col[C_DPORT])[m] = (uint16_t)tp.dport;
+    ((uint16_t *)col[C_FLAGS])[m] = (uint16_t)tp.flags;
+    ((int64_t *)col[C_SEQ])[m] = tp.seq;
+    ((int64_t *)col[C_ACK])[m] = tp.ack;
+    ((uint16_t *)col[C_WIN])[m] = (uint16_t)tp.win;
+    ((int64_t *)col[C_PLEN])[m] = tp.plen;
+    ((int64_t *)col[C_POFF])[m] = tp.poff;
+    ((int64_t *)col[C_PCAP])[m] = pc;
+    ((int8_t *)col[C_TUNNEL])[m] = (int8_t)tunnel;
+    ((int8_t *)col[C_FRAG])[m] = (int8_t)ip.frag;
+    return 0;
+}
+
+/* Trim each column to m rows and hand them over as a tuple (steals the references). */
+static PyObject *finish_cols(PyObject **cols, int ncols, Py_ssize_t m) {
+    for (int k = 0; k < ncols; k++)
+        if (PyByteArray_Resize(cols[k], m * col_size[k]) < 0) return NULL;
+    PyObject *tup = PyTuple_New(ncols);
+    if (tup == NULL) return NULL;
+    for (int k = 0; k < ncols; k++) {
+        PyTuple_SET_ITEM(tup, k, cols[k]);
+        cols[k] = NULL;
+    }
+    return tup;
+}
+
+/* decode(buf, starts, caps, linktypes) -> (reason, columns)
+ *
+ * pcap._decode for every record buf[starts[i]: starts[i] + caps[i]] of link type
+ * linktypes[i]: reason[i] (int8: 0 ok, 1 link type, 2 non-IP, 3 malformed, 4 later fragment)
+ * and, for the ok records only, in record order, the columns (idx int64 = record index, ver
+ * int8, src_hi/src_lo/dst_hi/dst_lo uint64, proto uint8, sport/dport/flags uint16, seq/ack
+ * int64, window uint16, payload_len/payload_off/payload_cap int64, tunnel int8, frag int8). */
+static PyObject *decode(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o, *st_o, *cap_o, *lt_o;
+    if (!PyArg_ParseTuple(args, "OOOO", &buf_o, &st_o, &cap_o, &lt_o)) return NULL;
+    Buf buf = {0}, sb = {0}, cb = {0}, lb = {0};
+    PyObject *res = NULL, *reason_o = NULL, *cols[NCOLS] = {0}, *tup;
+    void *col[NCOLS];
+    if (get_buf(buf_o, &buf, 1, "buf") < 0 || get_buf(st_o, &sb, 8, "starts") < 0 ||
+        get_buf(cap_o, &cb, 8, "caps") < 0 || get_buf(lt_o, &lb, 8, "linktypes") < 0)
+        goto done;
+    Py_ssize_t n = sb.view.len / 8;
+    if (cb.view.len / 8 != n || lb.view.len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "decode: arrays differ in length");
+        goto done;
+    }
+    int8_t *reason;
+    if (!(reason_o = new_array(n, 1, (void **)&reason))) goto done;
+    for (int k = 0; k < NDEC; k++)
+        if (!(cols[k] = new_array(n, col_size[k], &col[k]))) goto done;
+    const int64_t *starts = sb.view.buf, *caps = cb.view.buf, *lts = lb.view.buf;
+    Cap cp = {buf.view.buf, (int64_t)buf.view.len};
+    Py_ssize_t m = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int why = decode_record(&cp, starts[i], starts[i] + caps[i], lts[i], col, m, i);
+        reason[i] = (int8_t)why;
+        m += why == 0;
+    }
+    Py_END_ALLOW_THREADS
+    if (!(tup = finish_cols(cols, NDEC, m))) goto done;
+    res = Py_BuildValue("(ON)", reason_o, tup);
+done:
+    Py_XDECREF(reason_o);
+    for (int k = 0; k < NCOLS; k++) Py_XDECREF(cols[k]);
+    rel_buf(&buf);
+    rel_buf(&sb);
+    rel_buf(&cb);
+    rel_buf(&lb);
+    return res;
+}
+
+/* pcap_decode(buf, n, big, tmul, limit, linktype) -> (reason, columns, end, over)
+ *
+ * The records wholly in buf[:n], walked and decoded in one pass (each record's headers are
+ * decoded while its cache line is fresh): the reason of each record taken, and the decode
+ * columns followed by ts (sec * 1e9 + frac * tmul), captured and wire lengths for the ok ones.
+ * Stops at the first record whose captured length is beyond limit (over = 1, end = its
+ * offset) or that is not whole below n (over = 0, end = its offset). */
+static PyObject *pcap_decode(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o;
+    Py_ssize_t n;
+    int big;
+    long long tmul, limit, lt;
+    if (!PyArg_ParseTuple(args, "OnpLLL", &buf_o, &n, &big, &tmul, &limit, &lt)) return NULL;
+    Buf buf = {0};
+    PyObject *res = NULL, *reason_o = NULL, *cols[NCOLS] = {0}, *tup;
+    void *col[NCOLS];
+    if (get_buf(buf_o, &buf, 1, "buf") < 0) goto done;
+    if (n > buf.view.len || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "pcap_decode: bad range");
+        goto done;
+    }
+    /* At most one record per 16 bytes; the columns are trimmed to the records seen (pages
+     * never written are never touched). */
+    Py_ssize_t most = n / 16 + 1;
+    int8_t *reason;
+    if (!(reason_o = new_array(most, 1, (void **)&reason))) goto done;
+    for (int k = 0; k < NCOLS; k++)
+        if (!(cols[k] = new_array(most, col_size[k], &col[k]))) goto done;
+    Cap cp = {buf.view.buf, (int64_t)buf.view.len};
+    Cap rec = {buf.view.buf, (int64_t)n};
+    Py_ssize_t m = 0, count = 0;
+    int64_t pos = 0;
+    int over = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (pos + 16 <= n) {
+        int64_t sec, frac, cap, wire;
+        if (big) {
+            cap = u32(&rec, pos + 8);
+        } else {
+            cap = u32le(&rec, pos + 8);
+        }
+        if (cap > limit) {
+            over = 1;
+            break;
+        }
+        if (pos + 16 + cap > n) break;
+        if (big) {
+            sec = u32(&rec, pos);
+            frac = u32(&rec, pos + 4);
+            wire = u32(&rec, pos + 12);
+        } else {
+            sec = u32le(&rec, pos);
+            frac = u32le(&rec, pos + 4);
+            wire = u32le(&rec, pos + 12);
+        }
+        int why = decode_record(&cp, pos + 16, pos + 16 + cap, lt, col, m, count);
+        reason[count] = (int8_t)why;
+        if (why == 0) {
+            ((int64_t *)col[C_TS])[m] = sec * 1000000000LL + frac * tmul;
+            ((int64_t *)col[C_CAP])[m] = cap;
+            ((int64_t *)col[C_WIRE])[m] = wire;
+            m++;
+        }
+        count++;
+        pos += 16 + cap;
+    }
+    Py_END_ALLOW_THREADS
+    if (PyByteArray_Resize(reason_o, count) < 0) goto done;
+    if (!(tup = finish_cols(cols, NCOLS, m))) goto done;
+    res = Py_BuildValue("(ONLi)", reason_o, tup, (long long)pos, over);
+done:
+    Py_XDECREF(reason_o);
+    for (int k = 0; k < NCOLS; k++) Py_XDECREF(cols[k]);
+    rel_buf(&buf);
+    return res;
+}
+
+/* --- payload gather ------------------------------------------------------------------------ */
+
+/* gather(buf, offsets, lengths) -> bytes: buf[offsets[i]: offsets[i] + lengths[i]] for every i,
+ * concatenated (negative lengths count as 0; every slice must lie inside buf). */
+static PyObject *gather(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o, *off_o, *len_o;
+    if (!PyArg_ParseTuple(args, "OOO", &buf_o, &off_o, &len_o)) return NULL;
+    Buf buf = {0}, ob = {0}, lb = {0};
+    PyObject *res = NULL;
+    if (get_buf(buf_o, &buf, 1, "buf") < 0 || get_buf(off_o, &ob, 8, "offsets") < 0 ||
+        get_buf(len_o, &lb, 8, "lengths") < 0)
+        goto done;
+    Py_ssize_t n = ob.view.len / 8;
+    if (lb.view.len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "gather: arrays differ in length");
+        goto done;
+    }
+    const int64_t *offs = ob.view.buf, *lens = lb.view.buf;
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t k = lens[i] > 0 ? lens[i] : 0;
+        if (k && (offs[i] < 0 || offs[i] + k > buf.view.len)) {
+            PyErr_SetString(PyExc_IndexError, "gather: slice outside the buffer");
+            goto done;
+        }
+        total += k;
+    }
+    res = PyBytes_FromStringAndSize(NULL, total);
+    if (res == NULL) goto done;
+    char *out = PyBytes_AS_STRING(res);
+    const char *src = buf.view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t k = lens[i] > 0 ? lens[i] : 0;
+        memcpy(out, src + offs[i], (size_t)k);
+        out += k;
+    }
+    Py_END_ALLOW_THREADS
+done:
+    rel_buf(&buf);
+    rel_buf(&ob);
+    rel_buf(&lb);
+    return res;
+}
+
+/* starts_with(buf, offsets, lengths, tokens) -> bytearray mask: 1 where the slice
+ * buf[offsets[i]: offsets[i] + lengths[i]] starts with one of the bytes objects in tokens. */
+static PyObject *starts_with(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o, *off_o, *len_o, *tok_o;
+    if (!PyArg_ParseTuple(args, "OOOO!", &buf_o, &off_o, &len_o, &PyTuple_Type, &tok_o))
+        return NULL;
+    Buf buf = {0}, ob = {0}, lb = {0};
+    PyObject *res = NULL;
+    Py_ssize_t ntok = PyTuple_GET_SIZE(tok_o);
+    const char *tok[16];
+    Py_ssize_t tlen[16];
+    if (ntok > 16) {
+        PyErr_SetString(PyExc_ValueError, "starts_with: at most 16 tokens");
+        return NULL;
+    }
+    for (Py_ssize_t t = 0; t < ntok; t++) {
+        PyObject *x = PyTuple_GET_ITEM(tok_o, t);
+        if (!PyBytes_Check(x) || PyBytes_GET_SIZE(x) == 0) {
+            PyErr_SetString(PyExc_TypeError, "starts_with: tokens are non-empty bytes");
+            return NULL;
+        }
+        tok[t] = PyBytes_AS_STRING(x);
+        tlen[t] = PyBytes_GET_SIZE(x);
+    }
+    if (get_buf(buf_o, &buf, 1, "buf") < 0 || get_buf(off_o, &ob, 8, "offsets") < 0 ||
+        get_buf(len_o, &lb, 8, "lengths") < 0)
+        goto done;
+    Py_ssize_t n = ob.view.len / 8;
+    if (lb.view.len / 8 != n) {
+        PyErr_SetString(PyExc_ValueError, "starts_with: arrays differ in length");
+        goto done;
+    }
+    uint8_t *mask;
+    if (!(res = new_array(n, 1, (void **)&mask))) goto done;
+    const int64_t *offs = ob.view.buf, *lens = lb.view.buf;
+    const char *b = buf.view.buf;
+    int64_t blen = buf.view.len;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int hit = 0;
+        int64_t o = offs[i], k = lens[i];
+        if (o >= 0 && o <= blen) {
+            if (k > blen - o) k = blen - o;
+            for (Py_ssize_t t = 0; t < ntok && !hit; t++)
+                hit = k >= tlen[t] && b[o] == tok[t][0] && memcmp(b + o, tok[t], tlen[t]) == 0;
+        }
+        mask[i] = (uint8_t)hit;
+    }
+    Py_END_ALLOW_THREADS
+done:
+    rel_buf(&buf);
+    rel_buf(&ob);
+    rel_buf(&lb);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"ng_walk", ng_walk, METH_VARARGS, "ng_walk(buf, pos, n, big) -> (offsets, kinds, end)"},
+    {"decode", decode, METH_VARARGS, "decode(buf, starts, caps, linktypes) -> (reason, columns)"},
+    {"pcap_decode", pcap_decode, METH_VARARGS,
+     "pcap_decode(buf, n, big, tmul, limit, linktype) -> (reason, columns, end, over)"},
+    {"gather", gather, METH_VARARGS, "gather(buf, offsets, lengths) -> bytes"},
+    {"starts_with", starts_with, METH_VARARGS,
+     "starts_with(buf, offsets, lengths, tokens) -> bytearray mask"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_pcapcut", "Compiled kernel of the packet capture reader.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__pcapcut(void) { return PyModule_Create(&module); }
