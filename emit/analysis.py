@@ -5,16 +5,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from emit import outputs, report
 from emit.istio import DEFAULT_SYSTEM_NAMESPACES, plan_istio
+from emit.linkerd import plan_linkerd
+from emit.netpol import plan_netpol
 from learn.findings import find
 from learn.model import Finding, Graph
+from learn.workloads import cluster_facts
+
+if TYPE_CHECKING:
+    from observe.inventory import Inventory
+
+
+MESHES = ("istio", "linkerd", "netpol")
 
 
 @dataclass(frozen=True)
 class EmitOptions:
+    meshes: tuple[str, ...] = ("istio",)
+    """Policy flavours to propose: ``istio``, ``linkerd``, ``netpol`` (Kubernetes)."""
     plaintext: Literal["allow", "deny"] = "allow"
     """Clients without mTLS: allow by address with a PERMISSIVE exception, or leave out."""
     dry_run: bool = False
@@ -22,6 +33,12 @@ class EmitOptions:
     trust_domain: str = "cluster.local"
     system_namespaces: frozenset[str] = DEFAULT_SYSTEM_NAMESPACES
     """Namespaces that never get namespace-wide policies."""
+    linkerd_allow_unmeshed: bool = False
+    """Linkerd: allow clients without a mesh identity by address (NetworkAuthentication)."""
+    linkerd_audit: bool = False
+    """Linkerd: ``accessPolicy: audit`` on the proposed Servers (staging)."""
+    egress: bool = False
+    """NetworkPolicy: also propose egress policies (DNS and observed egress kept)."""
 
 
 @dataclass
@@ -31,25 +48,52 @@ class Emitted:
 
 
 def emit_outputs(out: Path, graph: Graph, options: EmitOptions, *,
-                 stats: dict[str, Any]) -> Emitted:
-    """Write everything but flows.parquet into ``out`` (which must exist)."""
+                 stats: dict[str, Any], inventory: Inventory | None = None) -> Emitted:
+    """Write everything but flows.parquet into ``out`` (which must exist).
+
+    ``inventory`` gives the Linkerd and NetworkPolicy proposals what the graph does not carry
+    (port names, probes, the cluster DNS pods, namespace labels).
+    """
     findings = find(graph)
-    # One plan: the manifests, what was left out and the report's rule explanations.
+    facts = cluster_facts(inventory) if inventory is not None and (
+        "linkerd" in options.meshes or "netpol" in options.meshes) else None
+    # One plan per mesh: the manifests, what was left out and the report's explanations.
     plan = plan_istio(
         graph, plaintext=options.plaintext, dry_run=options.dry_run,
         system_namespaces=options.system_namespaces,
-    )
-    manifests = plan.manifests
+    ) if "istio" in options.meshes else None
+    others: list[tuple[str, Any]] = []
+    manifests = list(plan.manifests) if plan is not None else []
+    if "linkerd" in options.meshes:
+        linkerd = plan_linkerd(graph, facts, trust_domain=options.trust_domain,
+                               allow_unmeshed=options.linkerd_allow_unmeshed,
+                               audit=options.linkerd_audit)
+        others.append(("Proposed Linkerd policies", linkerd))
+        manifests += linkerd.manifests
+        findings = [*findings, *linkerd.findings]
+    if "netpol" in options.meshes:
+        netpol = plan_netpol(graph, facts, egress=options.egress,
+                             system_namespaces=options.system_namespaces)
+        others.append(("Proposed NetworkPolicies", netpol))
+        manifests += netpol.manifests
     outputs.write_policies(manifests, out)
     outputs.write_json(out / "graph.json", outputs.graph_json(graph))
     outputs.write_json(out / "findings.json", outputs.findings_json(findings))
     text = report.render_report(
         graph, findings, manifests,
         stats=stats,
-        excluded=plan.excluded,
+        excluded=[],
         options={"trust_domain": options.trust_domain, "plaintext": options.plaintext,
-                 "dry_run": options.dry_run, "system_namespaces": options.system_namespaces},
+                 "dry_run": options.dry_run, "system_namespaces": options.system_namespaces,
+                 **({"mesh": ",".join(options.meshes)} if options.meshes != ("istio",)
+                    else {}),
+                 **({"egress": True} if options.egress else {}),
+                 **({"linkerd_allow_unmeshed": True} if options.linkerd_allow_unmeshed
+                    else {}),
+                 **({"linkerd_audit": True} if options.linkerd_audit else {})},
         plan=plan,
+        others=others,
+        istio=plan is not None,
     )
     outputs.write_text_atomic(out / "report.md", text)
     return Emitted(findings=findings, manifests=manifests)

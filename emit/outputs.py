@@ -53,10 +53,19 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
+#: API groups whose kinds are file-named with a prefix: Linkerd's AuthorizationPolicy must not
+#: collide with Istio's when both meshes are proposed at once.
+_PREFIXED_GROUPS = {"policy.linkerd.io": "linkerd"}
+
+
 def policy_relpath(manifest: dict[str, Any]) -> Path:
-    """``policies/<namespace>/<kind lower>-<name>.yaml`` for one manifest."""
+    """``policies/<namespace>/<kind lower>-<name>.yaml`` for one manifest (Linkerd's kinds:
+    ``linkerd-<kind lower>-<name>.yaml``)."""
     meta = manifest.get("metadata", {})
     ns, name, kind = meta.get("namespace"), meta.get("name"), manifest.get("kind")
+    group = str(manifest.get("apiVersion", "")).split("/", 1)[0]
+    if kind and group in _PREFIXED_GROUPS:
+        kind = f"{_PREFIXED_GROUPS[group]}-{kind}"
     if not ns or not name or not kind:
         raise MeshwrightError(f"manifest without namespace/name/kind: {kind}/{ns}/{name}")
     for part in (ns, name):

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from emit.istio import DEFAULT_SYSTEM_NAMESPACES, IstioPlan, PolicyExplanation, plan_istio
 from emit.outputs import SEVERITY_ORDER, findings_json, policy_relpath
-from emit.yamlio import rfc3339
+from emit.yamlio import dump_yaml, rfc3339
 from learn.model import Edge, Finding, Graph
 
 #: An edge seen fewer times (requests, or distinct active minutes) is "a handful".
@@ -235,6 +235,40 @@ def _policies(manifests: list[dict[str, Any]],
     return lines
 
 
+def _is_istio(manifest: dict[str, Any]) -> bool:
+    return str(manifest.get("apiVersion", "")).startswith("security.istio.io/")
+
+
+def _other_policies(title: str, plan: Any) -> list[str]:
+    """A non-Istio proposal: its notes, then each object with why it exists and its spec."""
+    lines = [f"## {title}", ""]
+    for note in plan.notes:
+        lines.append(f"- {note}")
+    if plan.notes:
+        lines.append("")
+    if not plan.manifests:
+        return [*lines, "None.", ""]
+    explanations = {(e.kind, e.namespace, e.name): e for e in plan.explanations}
+    for m in sorted(plan.manifests, key=lambda m: str(policy_relpath(m))):
+        meta = m["metadata"]
+        expl = explanations.get((m["kind"], meta["namespace"], meta["name"]))
+        ann = meta.get("annotations", {})
+        lines += [f"### `{policy_relpath(m).as_posix()}`", ""]
+        evidence = ""
+        if "meshwright.io/requests" in ann:
+            evidence = (f" {ann['meshwright.io/requests']} requests, "
+                        f"{ann.get('meshwright.io/first-seen', '?')} .. "
+                        f"{ann.get('meshwright.io/last-seen', '?')}.")
+        lines += [f"{m['kind']} `{meta['namespace']}/{meta['name']}`: "
+                  f"{expl.reason if expl else 'see its spec'}.{evidence}", ""]
+        lines += ["```yaml", dump_yaml(m.get("spec", {})).rstrip("\n"), "```", ""]
+        for note in (expl.notes if expl else []):
+            lines.append(f"> {note}")
+        if expl and expl.notes:
+            lines.append("")
+    return lines
+
+
 def _prefix_families(manifests: list[dict[str, Any]]) -> list[list[str]]:
     rows: dict[str, set[str]] = {}
     for m in manifests:
@@ -353,11 +387,18 @@ def render_report(
     excluded: list[dict[str, Any]],
     options: dict[str, Any],
     plan: IstioPlan | None = None,
+    others: Sequence[tuple[str, Any]] = (),
+    istio: bool = True,
 ) -> str:
     """The Markdown report. ``plan`` is the :func:`emit.istio.plan_istio` result behind
     ``manifests``; without it the plan is recomputed from ``options`` (``plaintext``,
-    ``dry_run``, ``system_namespaces``, as given to :func:`emit.istio.istio_manifests`)."""
-    if plan is None:
+    ``dry_run``, ``system_namespaces``, as given to :func:`emit.istio.istio_manifests`).
+    ``others``: (title, plan) of the other meshes' proposals (Linkerd, NetworkPolicy), each
+    with ``manifests``, ``explanations``, ``excluded`` and ``notes``; ``istio`` False: no
+    Istio proposal was asked for."""
+    if not istio:
+        plan = IstioPlan(manifests=[], explanations=[], excluded=[])
+    elif plan is None:
         plan = plan_istio(
             graph,
             plaintext="deny" if options.get("plaintext") == "deny" else "allow",
@@ -377,6 +418,13 @@ def render_report(
     lines.append("")
     lines += _findings(findings)
     lines.append("")
-    lines += _policies(manifests, explanations)
-    lines += _limits(graph, _dedupe([*excluded, *plan.excluded]), stats, manifests)
+    istio_manifests_ = [m for m in manifests if _is_istio(m)]
+    if istio:
+        lines += _policies(istio_manifests_, explanations)
+    other_excluded: list[dict[str, Any]] = []
+    for title, other in others:
+        lines += _other_policies(title, other)
+        other_excluded += other.excluded
+    lines += _limits(graph, _dedupe([*excluded, *plan.excluded, *other_excluded]), stats,
+                     istio_manifests_)
     return "\n".join(lines).rstrip("\n") + "\n"

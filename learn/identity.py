@@ -21,6 +21,29 @@ Resolution order for each side of a flow record:
 5. Private addresses (RFC 1918, CGNAT, link-local, loopback, ULA) that match nothing:
    ``unknown:<ip>``. Public ones: ``external:<host or ip>``.
 
+Linkerd records (``source`` ``linkerd-*``, see :mod:`observe.linkerd`) differ in two ways:
+
+* **Client identity first.** A ``src_principal`` that is a Linkerd identity
+  (``<sa>.<ns>.serviceaccount.identity.<control-plane-ns>.<trust-domain>``; the trust domain
+  and control-plane namespace are read from it, never assumed) names the workloads whose pods
+  run as that service account in that namespace. One such workload: the client, whatever its
+  address says; if the address (time-aware, as in 2.) belonged to another workload at that
+  time, that mismatch is an ambiguity. Several (a shared service account): the address picks
+  among them; if it picks none of them, ``unknown:<ip>`` and an ambiguity. None in the
+  inventory: the address decides as for any record, and an address owner running as another
+  service account is an ambiguity (``unknown:<ip>``), not attributed. Records without an
+  identity (``-``: plaintext, e.g. kubelet probes) resolve by address only.
+* **Destination port.** The server-side proxy logs no local address: the destination is the
+  reporter's workload (rule 1) and ``dst_port`` is derived from the port the client dialled
+  (``dialed_port``): a Service ClusterIP or a Service named by the authority (``web-svc``,
+  ``web-svc.emojivoto``, ``...svc.cluster.local``) that selects the workload maps it to the
+  targetPort; a pod IP or a port the workload's containers declare is the port itself. A
+  request with no port at all (Linkerd's ``apache`` format of an HTTP/1 origin-form request,
+  ``GET /ping``) gets the port of the workload's HTTP probe with that path, else the only port
+  its containers declare (both noted as inferred); anything else is an ambiguity and the
+  record stays unattributed. A Linkerd record never becomes ``external:``: it reached a
+  meshed pod.
+
 Node ids: ``<ns>/<workload>`` | ``external:<ip-or-host>`` | ``unknown:<ip>`` |
 ``service:<ns>/<name>``.
 """
@@ -42,6 +65,7 @@ import pyarrow.compute as pc
 
 from learn.model import EXTERNAL, UNKNOWN, Node, has_ingress_gateway_labels
 from observe.inventory import Inventory, PodRecord, ServiceRecord, WorkloadRecord
+from observe.linkerd import LinkerdIdentity, identity_name, parse_identity
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +110,10 @@ _PRIVATE_NETS = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128", "::/128",
 ))
 _PRINCIPAL = re.compile(r"^(?:spiffe://)?[^/]+/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+#: ``source`` values of Linkerd access-log records (observe.linkerd).
+_LINKERD_PREFIX = "linkerd-"
+#: Containers whose ports are the mesh's, never the application's.
+_PROXY_CONTAINERS = frozenset({"linkerd-proxy", "istio-proxy", "linkerd-init", "istio-init"})
 
 
 @dataclass
@@ -138,6 +166,9 @@ class IdentityResolver:
         self._inferred: dict[str, str] = {}
         self._selectors: dict[str, dict[str, str]] = {}
         self._backing: dict[tuple[str, str], list[WorkloadRecord]] = {}
+        self._by_sa: dict[tuple[str, str], list[str]] | None = None
+        self._linkerd_domains: dict[tuple[str, str], int] = {}
+        self._mute = False
 
     # -- reports ---------------------------------------------------------------------------
     @property
@@ -147,6 +178,12 @@ class IdentityResolver:
         for message, count in self._ambiguities.values():
             out.append(f"{message} ({count} record{'' if count == 1 else 's'})")
         return sorted(out)
+
+    @property
+    def linkerd_domains(self) -> list[tuple[str, str]]:
+        """``(control-plane namespace, trust domain)`` of the Linkerd identities seen, most
+        frequent first (``[("linkerd", "cluster.local")]`` on a default install)."""
+        return sorted(self._linkerd_domains, key=lambda k: (-self._linkerd_domains[k], k))
 
     @property
     def inferred(self) -> list[str]:
@@ -213,6 +250,10 @@ class IdentityResolver:
             times, tnull = np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool)
         direction = col("direction")
         reporter = col("reporter")
+        linkerd = (np.asarray(pc.fill_null(pc.starts_with(batch.column("source"),
+                                                          _LINKERD_PREFIX), False)
+                              .to_numpy(zero_copy_only=False), dtype=bool)
+                   if "source" in names else np.zeros(n, dtype=bool))
         dst_port = col("dst_port")
         ctx = _Rows(
             times=times, tnull=tnull, host=col("service_host"), sni=col("sni"),
@@ -230,9 +271,13 @@ class IdentityResolver:
                 wl_id, pod_key = self._reporter(rep)
                 workload[rows[unset[rows]]] = wl_id
                 pod[rows] = pod_key
-            # 2.-5. by address
             ips = col(f"{side}_ip")
             principal = col(f"{side}_principal")
+            if side == "src" and linkerd.any():
+                # Linkerd: the client's mTLS identity first (see the module docstring).
+                self._linkerd_clients(principal, ips, _isnull(workload) & linkerd
+                                      & ~_isnull(principal), ctx, leases, workload, pod)
+            # 2.-5. by address
             todo = _isnull(workload) & ~_isnull(ips)
             for ip, rows in _groups(ips, todo):
                 wl_ids, pod_keys = self._by_address(ip, rows, ctx, principal, side, leases)
@@ -262,6 +307,10 @@ class IdentityResolver:
                         dst_port[prow] = target if target is not None else port
                     self._service_rows(svc, np.flatnonzero(prow), dst_workload, dst_pod,
                                        col("dst_principal"))
+        if linkerd.any():
+            self._linkerd_ports(linkerd & _isnull(dst_port) & ~_isnull(dst_workload),
+                                dst_workload, dialed, dialed_port, ctx.host, col("path"),
+                                dst_port)
         # Destination named only by a cluster FQDN (no address: UH, NR, ...).
         unnamed = _isnull(dst_workload) & _isnull(dst_ips) & ~_isnull(ctx.host)
         for host in _unique(ctx.host[unnamed]):
@@ -270,6 +319,8 @@ class IdentityResolver:
             if named is not None:
                 self._service_rows(named, rows, dst_workload, dst_pod, col("dst_principal"))
             elif self._external_name(str(host)):
+                # A Linkerd record reached a meshed pod: its host is never external.
+                rows = rows[~linkerd[rows]]
                 dst_workload[rows] = f"{EXTERNAL}:{host}"
         # An address no pod lifetime explains (say a pod deleted before the inventory was
         # taken) on a record that names the Service it was sent to (Istio's mTLS SNI, the
@@ -278,13 +329,13 @@ class IdentityResolver:
         lost = np.array([isinstance(w, str) and w.startswith(f"{UNKNOWN}:")
                          for w in dst_workload.tolist()], dtype=bool) if n else (
             np.zeros(0, dtype=bool))
-        lost &= ~_isnull(ctx.host)
+        lost &= ~_isnull(ctx.host) & ~linkerd
         for host in _unique(ctx.host[lost]):
             named = self._service_by_host(str(host))
             if named is not None:
                 rows = np.flatnonzero(lost & (ctx.host == host))
                 self._service_rows(named, rows, dst_workload, dst_pod, col("dst_principal"))
-        missing = _isnull(dst_workload) & _isnull(dst_ips)
+        missing = _isnull(dst_workload) & _isnull(dst_ips) & ~linkerd
         if missing.any():
             for row in np.flatnonzero(missing):
                 host = ctx.external_host(int(row), passthrough_only=False)
@@ -428,11 +479,175 @@ class IdentityResolver:
         parts = host.rstrip(".").split(".")
         if len(parts) >= 3 and parts[2] == "svc":
             return self._services_by_name.get((parts[1], parts[0]))
+        if len(parts) == 2:  # '<service>.<namespace>', as cluster DNS search paths allow
+            return self._services_by_name.get((parts[1], parts[0]))
         return None
 
     @staticmethod
     def _external_name(host: str) -> bool:
         return ".svc." not in host + "." and not host.endswith(".local") and "." in host
+
+    # -- Linkerd ---------------------------------------------------------------------------
+    def workloads_running_as(self, namespace: str, service_account: str) -> list[str]:
+        """Ids of the inventory workloads whose pods run as ``service_account`` (sorted).
+
+        The pods' own service account wins over the template's (as in :meth:`node`); a
+        workload without pods counts by its template (``default`` when unset).
+        """
+        if self._by_sa is None:
+            by_sa: dict[tuple[str, str], set[str]] = {}
+            for wid, wl in self._workloads.items():
+                sas = {p.service_account or "default" for p in self.inventory.pods_of(wl)}
+                if not sas:
+                    sas = {wl.service_account or "default"}
+                for sa in sas:
+                    by_sa.setdefault((wl.namespace, sa), set()).add(wid)
+            self._by_sa = {k: sorted(v) for k, v in by_sa.items()}
+        return list(self._by_sa.get((namespace, service_account), []))
+
+    def _linkerd_clients(self, principal: np.ndarray, ips: np.ndarray, mask: np.ndarray,
+                         ctx: _Rows, leases: dict[str, list[_Lease]], workload: np.ndarray,
+                         pod: np.ndarray) -> None:
+        """Fill ``workload``/``pod`` of the ``mask`` rows from their Linkerd client identity."""
+        for text, rows in _groups(principal, mask):
+            ident = parse_identity(text)
+            if ident is None:
+                continue  # not a Linkerd identity: resolved by address as usual
+            key = (ident.control_plane, ident.trust_domain)
+            self._linkerd_domains[key] = self._linkerd_domains.get(key, 0) + len(rows)
+            candidates = self.workloads_running_as(ident.namespace, ident.service_account)
+            by_ip = np.full(len(rows), None, dtype=object)
+            by_ip_pod = np.full(len(rows), None, dtype=object)
+            sub_ips = ips[rows]
+            # The address view, quietly: its ambiguities matter only where it decides.
+            self._mute = bool(candidates)
+            try:
+                for ip, sub in _groups(sub_ips, ~_isnull(sub_ips)):
+                    w, p = self._by_address(ip, rows[sub], ctx, principal, "src", leases)
+                    by_ip[sub], by_ip_pod[sub] = w, p
+            finally:
+                self._mute = False
+            for j, row in enumerate(rows.tolist()):
+                workload[row], pod[row] = self._linkerd_pick(
+                    ident, candidates, sub_ips[j], by_ip[j], by_ip_pod[j])
+
+    def _linkerd_pick(self, ident: LinkerdIdentity, candidates: list[str], ip: object,
+                      ip_wl: object, ip_pod: object) -> tuple[str | None, str | None]:
+        """One record's client from its identity's candidates and its address's owner."""
+        owner = str(ip_wl) if ip_wl is not None else None
+        is_workload = owner is not None and ":" not in owner
+        where = f"address {ip}" if ip is not None else "no address"
+        if len(candidates) == 1:
+            picked = candidates[0]
+            if is_workload and owner != picked:
+                self._ambiguity(
+                    f"lkid:{ident.name}:{owner}",
+                    f"{ident.name}: the Linkerd identity of {picked}, but its {where} belonged "
+                    f"to {owner} then; the identity is used")
+                return picked, None
+            return picked, str(ip_pod) if ip_pod is not None and owner == picked else None
+        if candidates:
+            if owner in candidates:
+                return owner, str(ip_pod) if ip_pod is not None else None
+            self._ambiguity(
+                f"lkshared:{ident.name}:{owner}",
+                f"{ident.name}: service account {ident.namespace}/{ident.service_account} runs "
+                f"{', '.join(candidates)}, and the {where} (owner: {owner or 'none known'}) "
+                "picks none of them; not attributed")
+            return (f"{UNKNOWN}:{ip}" if ip is not None else None), None
+        # No inventory workload runs as this service account: the address decides.
+        if is_workload:
+            wl = self._workloads.get(str(owner))
+            sas = ({p.service_account or "default" for p in self.inventory.pods_of(wl)}
+                   if wl is not None else set())
+            if wl is not None and wl.namespace == ident.namespace and (
+                    ident.service_account in sas or (not sas and (wl.service_account or
+                                                                  "default") ==
+                                                     ident.service_account)):
+                return owner, str(ip_pod) if ip_pod is not None else None
+            if wl is not None:
+                self._ambiguity(
+                    f"lkid:{ident.name}:{owner}",
+                    f"{ident.name}: its {where} belonged to {owner}, which runs as another "
+                    "service account; not attributed")
+                return (f"{UNKNOWN}:{ip}" if ip is not None else None), None
+        self._infer(f"lknone:{ident.name}",
+                    f"{ident.name}: no inventory workload runs as service account "
+                    f"{ident.namespace}/{ident.service_account}; resolved by address")
+        return (owner, str(ip_pod) if ip_pod is not None else None)
+
+    def _linkerd_ports(self, mask: np.ndarray, dst_workload: np.ndarray, dialed: np.ndarray,
+                       dialed_port: np.ndarray, host: np.ndarray, path: np.ndarray,
+                       dst_port: np.ndarray) -> None:
+        """``dst_port`` (the workload port) of Linkerd server-side records (module docstring)."""
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            return
+        frame = pd.DataFrame({
+            "wid": dst_workload[idx], "port": dialed_port[idx], "host": host[idx],
+            "ip": dialed[idx],
+            "path": [None if p is None else str(p).split("?", 1)[0] for p in path[idx].tolist()],
+        }, dtype=object)
+        frame.loc[frame["port"].notna(), "path"] = None  # the path matters only without a port
+        for key, positions in sorted(frame.groupby(["wid", "port", "host", "ip", "path"],
+                                                   dropna=False, sort=False).indices.items(),
+                                     key=lambda kv: str(kv[0])):
+            wid, port, name, ip, req_path = (None if pd.isna(v) else v for v in key)
+            found = self._linkerd_port(str(wid), port, name, ip, req_path, len(positions))
+            if found is not None:
+                dst_port[idx[positions]] = found
+
+    def _linkerd_port(self, wid: str, port: object, host: object, ip: object,
+                      path: object, count: int) -> int | None:
+        wl = self._workloads.get(wid)
+        if port is not None:
+            dport = int(float(str(port)))  # pandas may hand a float key back
+            if ip is not None:
+                return dport  # a pod address dialled directly (a ClusterIP was mapped before)
+            if wl is None:
+                self._ambiguity(f"lkport:{wid}:{dport}",
+                                f"{wid}: not in the inventory; the Service port {dport} its "
+                                "clients dialled cannot be mapped to a workload port", count)
+                return None
+            services = [svc for svc in self.inventory.services_selecting(wl)
+                        if any(p.port == dport for p in svc.ports)]
+            named = [svc for svc in services if _names_service(str(host or ""), svc)]
+            targets = {t for svc in (named or services)
+                       if (t := self.inventory.resolve_target_port(svc, dport)) is not None}
+            if len(targets) == 1:
+                return targets.pop()
+            declared = _app_ports(wl, self.inventory.pods_of(wl))
+            if not services and dport in declared:
+                return dport  # a headless Service or a pod name: the pod's own port
+            self._ambiguity(
+                f"lkport:{wid}:{dport}",
+                f"{wid}: Linkerd records of requests dialled to port {dport}"
+                f"{f' of {host}' if host else ''} match "
+                + (f"Services with target ports {sorted(targets)}" if targets else
+                   "no Service port or container port of it")
+                + "; not attributed", count)
+            return None
+        # No port in the record: Linkerd's apache format of an origin-form request.
+        if wl is not None:
+            probe_ports = {p.port for p in wl.probes
+                           if isinstance(p.port, int) and path is not None and p.path.split(
+                               "?", 1)[0] == path}
+            if len(probe_ports) == 1:
+                found = probe_ports.pop()
+                self._infer(f"lkprobe:{wid}:{path}",
+                            f"{wid}: requests for {path} without a port taken as its HTTP "
+                            f"probe on port {found}")
+                return found
+            declared = _app_ports(wl, self.inventory.pods_of(wl))
+            if len(declared) == 1:
+                found = next(iter(declared))
+                self._infer(f"lkonly:{wid}", f"{wid}: requests without a port taken as its "
+                            f"only declared container port {found}")
+                return found
+        self._ambiguity(f"lknoport:{wid}",
+                        f"{wid}: Linkerd records without a port (apache format, no authority) "
+                        "and no single probe or container port to take; not attributed", count)
+        return None
 
     # -- reporters and leases --------------------------------------------------------------
     def _reporter(self, key: str) -> tuple[str, str]:
@@ -594,6 +809,8 @@ class IdentityResolver:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _ambiguity(self, key: str, message: str, count: int = 1) -> None:
+        if self._mute:
+            return
         entry = self._ambiguities.get(key)
         if entry is None:
             self._ambiguities[key] = [message, count]
@@ -756,3 +973,29 @@ def _strip_port(text: str) -> str:
     if text.count(":") == 1:
         return text.rsplit(":", 1)[0]
     return text
+
+
+def _names_service(host: str, svc: ServiceRecord) -> bool:
+    """True if an authority host names ``svc``: ``name``, ``name.ns``, ``name.ns.svc[...]``."""
+    parts = host.lower().rstrip(".").split(".")
+    if not parts or parts[0] != svc.name:
+        return False
+    return len(parts) == 1 or parts[1] == svc.namespace
+
+
+def _app_ports(wl: WorkloadRecord, pods: Sequence[PodRecord]) -> set[int]:
+    """TCP ports the workload's application containers declare (not the mesh proxy's)."""
+    sources = [p.ports for p in pods] or [wl.ports]
+    return {cp.port for ports in sources for cp in ports
+            if cp.protocol == "TCP" and cp.container not in _PROXY_CONTAINERS}
+
+
+def linkerd_identity(node: Node, *, control_plane: str = "linkerd",
+                     trust_domain: str = "cluster.local") -> str | None:
+    """The Linkerd mTLS identity of a workload node's pods, from its namespace and service
+    account (``IdentityResolver.linkerd_domains`` gives the control plane and trust domain
+    the logs showed); None for nodes without both."""
+    if not node.namespace or not node.service_account:
+        return None
+    return identity_name(node.service_account, node.namespace, control_plane=control_plane,
+                         trust_domain=trust_domain)

@@ -20,6 +20,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_NO_FLOWS = 4
+EXIT_BREAKAGE = 5
 EXIT_INTERRUPTED = 130
 
 EPILOG_ANALYZE = """\
@@ -31,6 +32,7 @@ examples:
       meshwright analyze - --inventory cluster.json -o out/
   meshwright analyze flows.parquet --inventory cluster.json --plaintext deny -o out/
   meshwright analyze logs/ --kube --context prod -o out/     (inventory from the live API)
+  meshwright analyze dump/ --mesh linkerd --mesh netpol --egress -o out/
 
 outputs (OUT/): policies/<namespace>/<kind>-<name>.yaml, graph.json, findings.json,
 report.md, flows.parquet.  Exit codes: 0 ok, 2 usage, 3 bad input, 4 no flows found,
@@ -47,6 +49,22 @@ examples:
       live capture (root or CAP_NET_RAW); Ctrl-C or SIGTERM stops it and keeps what was seen
 
 Later: meshwright analyze flows.parquet --inventory cluster.json -o out/
+"""
+
+
+EPILOG_CHECK = """\
+examples:
+  meshwright check --policies proposed/ samples/bookinfo
+      replay the recorded traffic against the policies in proposed/ (YAML or JSON, walked
+      recursively, multi-document, Istio / Linkerd / NetworkPolicy mixed)
+  meshwright check --policies out/policies logs/ --inventory cluster.json --json check.json
+  meshwright check --from-cluster --kube flows.parquet     (the live policies and inventory)
+  meshwright check --policies pr/ --linkerd-default-policy deny dump/
+
+prints a Markdown report (breakage, unknowns, over-permission) on stdout (or --report FILE);
+--json writes the same as JSON.  Exit codes: 0 no observed traffic would be denied,
+5 some would be (breakage; with --fail-on-unknown also undecidable traffic), 2 usage,
+3 bad input (unreadable policies or evidence), 4 no flows found, 1 internal error.
 """
 
 
@@ -102,8 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--context", help="kubeconfig context for --kube")
     analyze.add_argument("--kubeconfig", help="kubeconfig file for --kube")
     analyze.add_argument(
-        "--mesh", action="append", choices=["istio"], default=None,
-        help="policy flavour to emit (default: istio)",
+        "--mesh", action="append", choices=["istio", "linkerd", "netpol"], default=None,
+        help="policy flavour to propose, repeatable: istio (AuthorizationPolicy, "
+        "PeerAuthentication), linkerd (Server, AuthorizationPolicy, MeshTLSAuthentication, "
+        "HTTPRoute, NetworkAuthentication), netpol (Kubernetes NetworkPolicy); default istio",
+    )
+    analyze.add_argument(
+        "--egress", action="store_true",
+        help="netpol: also propose egress policies (keeps DNS to the cluster DNS pods and the "
+        "observed external egress working)",
+    )
+    analyze.add_argument(
+        "--linkerd-audit", action="store_true",
+        help="linkerd: proposed Servers use accessPolicy: audit (log, don't enforce: staging)",
+    )
+    analyze.add_argument(
+        "--linkerd-allow-unmeshed", action="store_true",
+        help="linkerd: allow clients seen without a mesh identity by address "
+        "(NetworkAuthentication), each reported as a finding; default: leave them out",
     )
     analyze.add_argument(
         "--trust-domain", default="cluster.local", metavar="D",
@@ -118,6 +152,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run-annotation", action="store_true",
         help="add istio.io/dry-run: \"true\" to AuthorizationPolicies (staging)",
     )
+
+    check = sub.add_parser(
+        "check",
+        help="replay recorded traffic against a policy set: breakage and over-permission",
+        description="Evaluate every recorded request/connection (the same inputs as analyze) "
+        "against a set of policies - Istio AuthorizationPolicy/PeerAuthentication, Linkerd "
+        "Server/AuthorizationPolicy/HTTPRoute/..., Kubernetes NetworkPolicy - and report the "
+        "observed traffic they would deny and the permissions no traffic exercised.",
+        epilog=EPILOG_CHECK,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_input_options(check)
+    check.add_argument(
+        "--policies", action="append", default=[], metavar="DIR|FILE",
+        help="policy files or directories (YAML/JSON, multi-document); repeatable",
+    )
+    check.add_argument(
+        "--from-cluster", action="store_true",
+        help="also read the policies (and namespace annotations) from the live cluster",
+    )
+    check.add_argument(
+        "--inventory", action="append", default=[], metavar="PATH",
+        help="inventory dump (kubectl get ... -A -o json, or YAML manifests); repeatable",
+    )
+    check.add_argument("--kube", action="store_true",
+                       help="also read the inventory from the live Kubernetes API")
+    check.add_argument("--context", help="kubeconfig context for --kube/--from-cluster")
+    check.add_argument("--kubeconfig", help="kubeconfig file for --kube/--from-cluster")
+    check.add_argument(
+        "--trust-domain", default="cluster.local", metavar="D",
+        help="mesh trust domain (Istio SPIFFE principals, Linkerd identities)",
+    )
+    check.add_argument("--root-namespace", default="istio-system", metavar="NS",
+                       help="Istio root namespace (mesh-wide policies; default istio-system)")
+    check.add_argument(
+        "--linkerd-default-policy", metavar="POLICY",
+        choices=["all-unauthenticated", "all-authenticated", "cluster-authenticated",
+                 "cluster-unauthenticated", "deny", "audit"],
+        help="Linkerd's cluster-wide default inbound policy (proxy.defaultInboundPolicy; "
+        "default all-unauthenticated); namespace and pod annotations override it",
+    )
+    check.add_argument(
+        "--cluster-networks", metavar="CIDRS",
+        help="Linkerd clusterNetworks, comma-separated (default: Linkerd's default)",
+    )
+    check.add_argument(
+        "--namespace", "-n", default="default", metavar="NS",
+        help="namespace of policy objects that name none (as kubectl apply -n; default "
+        "'default')",
+    )
+    check.add_argument("--json", metavar="OUT.json", help="also write the result as JSON")
+    check.add_argument("--report", metavar="OUT.md",
+                       help="write the Markdown report here instead of stdout")
+    check.add_argument("--fail-on-unknown", action="store_true",
+                       help="exit 5 also when some observed traffic cannot be decided")
 
     observe = sub.add_parser(
         "observe",
@@ -210,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "analyze":
             return commands.analyze(args)
+        if args.command == "check":
+            return commands.check(args)
         return commands.observe(args)
     except MeshwrightError as exc:
         print(f"meshwright: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from observe.pipeline import InputPlan, ObserveOptions, ObserveStats, iter_flows
 
 EXIT_OK = 0
 EXIT_NO_FLOWS = 4
+EXIT_BREAKAGE = 5
 
 
 class Progress:
@@ -213,10 +214,18 @@ def analyze(args: argparse.Namespace) -> int:
     if learned.stats.get("records_unattributed"):
         _say(args, f"meshwright: {learned.stats['records_unattributed']:,} records name no "
                    "destination address or port; left out of the graph (see report.md)")
-    options = EmitOptions(plaintext=args.plaintext, dry_run=args.dry_run_annotation,
-                          trust_domain=args.trust_domain)
+    meshes = tuple(dict.fromkeys(args.mesh or ["istio"]))
+    if args.egress and "netpol" not in meshes:
+        raise UsageError("--egress applies to --mesh netpol", hint="add --mesh netpol")
+    if (args.linkerd_audit or args.linkerd_allow_unmeshed) and "linkerd" not in meshes:
+        raise UsageError("--linkerd-* options apply to --mesh linkerd",
+                         hint="add --mesh linkerd")
+    options = EmitOptions(meshes=meshes, plaintext=args.plaintext,
+                          dry_run=args.dry_run_annotation, trust_domain=args.trust_domain,
+                          linkerd_allow_unmeshed=args.linkerd_allow_unmeshed,
+                          linkerd_audit=args.linkerd_audit, egress=args.egress)
     emitted = emit_outputs(out, learned.graph, options,
-                           stats={**stats.to_dict(), **learned.stats})
+                           stats={**stats.to_dict(), **learned.stats}, inventory=inventory)
     by_severity: dict[str, int] = {}
     for f in emitted.findings:
         by_severity[f.severity] = by_severity.get(f.severity, 0) + 1
@@ -228,4 +237,81 @@ def analyze(args: argparse.Namespace) -> int:
     )
     _say(args, f"meshwright: wrote {out}/ (report.md, policies/, graph.json, findings.json, "
                "flows.parquet)")
+    return EXIT_OK
+
+
+def check(args: argparse.Namespace) -> int:
+    """Replay the recorded traffic against a policy set (``meshwright check``)."""
+    import tempfile
+
+    from emit import check as checking
+    from learn.pipeline import learn_graph
+
+    if not args.policies and not args.from_cluster:
+        raise UsageError("no policies to check against",
+                         hint="give --policies DIR|FILE (repeatable) or --from-cluster")
+    for path in args.inventory:
+        if not Path(path).exists():
+            raise InputError("inventory file not found", origin=path)
+    policies = checking.load_policies([Path(p) for p in args.policies],
+                                      default_namespace=args.namespace)
+    if args.from_cluster:
+        from observe.kube import load_live_policies
+
+        live, missing = load_live_policies(context=args.context, kubeconfig=args.kubeconfig)
+        for obj, origin in live:
+            policies.add(obj, origin, args.namespace)
+        for resource in missing:
+            _say(args, f"meshwright: the cluster does not serve {resource}; none checked")
+    if not policies.manifests and not args.linkerd_default_policy:
+        raise InputError("no policy objects found (Istio, Linkerd or NetworkPolicy)",
+                         origin=", ".join(args.policies) or "the cluster",
+                         hint="expected YAML/JSON manifests of policy kinds")
+    if args.cluster_networks:
+        networks = tuple(n.strip() for n in args.cluster_networks.split(",") if n.strip())
+    else:
+        from emit.evaluate_linkerd import DEFAULT_CLUSTER_NETWORKS as networks
+    plan = plan_inputs(list(args.inputs), envoy_format=args.envoy_format)
+    inventory_paths = [Path(p) for p in [*args.inventory, *plan.inventories]]
+    inventory = _inventory(args, list(plan.inventories))
+    annotations: list[dict[str, object]] = []
+    for path in inventory_paths:
+        try:  # Linkerd default-policy annotations (the inventory itself does not keep them)
+            annotations.extend(obj for obj, _ in checking.iter_objects(path)
+                               if obj.get("kind") != "Service")
+        except InputError as exc:  # e.g. a compressed dump the inventory loader unpacked
+            _say(args, f"meshwright: annotations not read from {path}: {exc}")
+    defaults = checking.default_inbound_policies(annotations)
+    known_pods = frozenset((p.namespace, p.name) for p in inventory.pods)
+    with tempfile.TemporaryDirectory(prefix="meshwright-check-") as tmp:
+        raw = Path(tmp) / "observed.parquet"
+        resolved = Path(tmp) / "resolved.parquet"
+        stats = _observe_to(args, plan, raw, known_pods)
+        _report_observe(args, stats)
+        if stats.records == 0:
+            _say(args, "meshwright: no flow records found in the inputs; nothing to check")
+            return EXIT_NO_FLOWS
+        learned = learn_graph(raw, inventory, trust_domain=args.trust_domain,
+                              resolved_out=resolved)
+        observed = checking.observations(resolved)
+    options = checking.CheckOptions(
+        root_namespace=args.root_namespace, trust_domain=args.trust_domain,
+        linkerd_default_policy=args.linkerd_default_policy, cluster_networks=networks,
+        default_inbound=defaults,
+    )
+    result = checking.check(observed, policies, inventory, learned.graph, options)
+    text = checking.render_markdown(result)
+    if args.report:
+        Path(args.report).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if args.json:
+        Path(args.json).write_text(checking.dumps_json(result), encoding="utf-8")
+    _say(args, f"meshwright: {len(observed)} observations checked against "
+               f"{len(policies.manifests)} policy objects ({', '.join(result.engines)}): "
+               f"{len(result.breakage)} would break, {len(result.unknown)} unknown, "
+               f"{len(result.over_permission)} unused permissions")
+    if result.breakage or (args.fail_on_unknown and result.unknown):
+        return EXIT_BREAKAGE
     return EXIT_OK

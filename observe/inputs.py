@@ -3,8 +3,8 @@
 Everything is decided from bytes, never from file names: gzip by its magic (``1f 8b``, any
 name), zstd by ``28 b5 2f fd``, packet captures by the pcap/pcapng magics
 (:func:`observe.pcap.sniff_capture`), Parquet flows by ``PAR1``, inventories by
-``apiVersion``/``kind`` in a JSON or YAML head, access logs by the shape of their first
-lines (see :mod:`observe.layouts`).
+``apiVersion``/``kind`` in a JSON or YAML head, access logs (Istio/Envoy and linkerd-proxy) by
+the shape of their first lines (see :mod:`observe.layouts`).
 
 Files are read in chunks of whole lines (:func:`iter_chunks`, at most 64k lines and ~24 MiB
 each), so memory is bounded by the chunks in flight, not the file. A chunk is its read buffer
@@ -355,6 +355,9 @@ def _looks_like_proxy_log(lines: list[str], *, custom_format: bool) -> bool:
     text, js = layouts.classify_lines(inner)
     if text.any() or js.any():
         return True
+    lk_apache, lk_json = layouts.classify_linkerd(inner)
+    if lk_apache.any() or lk_json.any():
+        return True  # linkerd-proxy access lines (config.linkerd.io/access-log)
     diag = pc.match_substring_regex(inner, layouts.PROXY_DIAG).to_numpy(zero_copy_only=False)
     if diag.any():
         return True  # proxy diagnostics only (no traffic yet): still the proxy's output

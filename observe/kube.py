@@ -218,3 +218,78 @@ def iter_resources() -> Iterator[tuple[str, str, str]]:
     """(kind, group/version, resource) of everything listed, for RBAC documentation."""
     for kind, group, resource, _, _ in RESOURCES:
         yield kind, group, resource
+
+
+#: Policy kinds ``meshwright check --from-cluster`` lists:
+#: (kind, API group, version, resource). NetworkPolicy and Namespace are built-in.
+POLICY_RESOURCES: tuple[tuple[str, str, str, str], ...] = (
+    ("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
+    ("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
+    ("Server", "policy.linkerd.io", "v1beta3", "servers"),
+    ("ServerAuthorization", "policy.linkerd.io", "v1beta1", "serverauthorizations"),
+    ("AuthorizationPolicy", "policy.linkerd.io", "v1alpha1", "authorizationpolicies"),
+    ("MeshTLSAuthentication", "policy.linkerd.io", "v1alpha1", "meshtlsauthentications"),
+    ("NetworkAuthentication", "policy.linkerd.io", "v1alpha1", "networkauthentications"),
+    ("HTTPRoute", "policy.linkerd.io", "v1beta3", "httproutes"),
+    ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+    ("NetworkPolicy", "networking.k8s.io", "v1", "networkpolicies"),
+    ("Namespace", "", "v1", "namespaces"),
+)
+
+
+def load_live_policies(context: str | None = None, kubeconfig: str | None = None,
+                       namespaces: list[str] | None = None
+                       ) -> tuple[list[tuple[dict[str, Any], str]], list[str]]:
+    """The policy objects of the live cluster (see :data:`POLICY_RESOURCES`), each with its
+    origin (``<server>/<resource>``), and the resources the server does not serve (a CRD that
+    is not installed: HTTP 404), which are skipped.
+
+    Namespaces come along for their annotations (Linkerd's default inbound policy).
+    """
+    api_client = _api_client(context, kubeconfig)
+    server = str(api_client.configuration.host)
+    custom = k8s.CustomObjectsApi(api_client)
+    networking = k8s.NetworkingV1Api(api_client)
+    core = k8s.CoreV1Api(api_client)
+    found: list[tuple[dict[str, Any], str]] = []
+    missing: list[str] = []
+    scopes: list[str | None] = [None] if namespaces is None else [*sorted(set(namespaces))]
+    try:
+        for kind, group, version, resource in POLICY_RESOURCES:
+            api_version = f"{group}/{version}" if group else version
+            for ns in scopes:
+                method = _policy_lister(kind, group, version, resource, ns, custom, networking,
+                                        core)
+                try:
+                    if kind == "Namespace" and ns is not None:
+                        objects = [_call(api_client, server, resource, ns, core.read_namespace,
+                                         ns)]
+                    else:
+                        objects = _list_all(api_client, server, f"{resource}.{group}".strip("."),
+                                            None, method)
+                except InventoryError as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, ApiException) and cause.status == 404:
+                        missing.append(f"{resource}.{api_version}")
+                        break
+                    raise
+                origin = f"{server}/{resource}.{api_version}" + (f"?namespace={ns}" if ns else "")
+                for obj in objects:
+                    found.append(({**obj, "apiVersion": api_version, "kind": kind}, origin))
+                log.info("%s: %d %s.%s", server, len(objects), resource, api_version)
+    finally:
+        api_client.close()
+    return found, sorted(set(missing))
+
+
+def _policy_lister(kind: str, group: str, version: str, resource: str, ns: str | None,
+                   custom: Any, networking: Any, core: Any) -> Callable[..., Any]:
+    if kind == "Namespace":
+        return core.list_namespace
+    if kind == "NetworkPolicy":
+        if ns is None:
+            return networking.list_network_policy_for_all_namespaces
+        return lambda **kw: networking.list_namespaced_network_policy(ns, **kw)
+    if ns is None:
+        return lambda **kw: custom.list_cluster_custom_object(group, version, resource, **kw)
+    return lambda **kw: custom.list_namespaced_custom_object(group, version, ns, resource, **kw)

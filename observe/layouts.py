@@ -18,6 +18,9 @@ Users hand meshwright whatever their cluster tooling wrote. This module knows th
 * **Line kinds** (:func:`classify_lines`): which lines are access-log candidates (Istio TEXT
   starts with ``[<ISO date>T``, Istio JSON is an object with access-log keys) and which are
   the proxy's own diagnostics (ignored, counted separately from malformed lines).
+  :func:`classify_linkerd` does the same for linkerd-proxy access lines (``apache``: starts
+  with the client's ``ip:port`` and a space; ``json``: an object with ``client.addr`` and
+  ``uri``); linkerd-proxy's own log (``[  12.345678s]  INFO ...``) is a diagnostic.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe.compiled import textcut as _textcut
+from observe.linkerd import APACHE_HEAD as LINKERD_APACHE
+from observe.linkerd import JSON_HEAD as LINKERD_JSON
 
 #: Container names a sidecar/gateway proxy runs as; a file named after one is per-container.
-PROXY_CONTAINERS = frozenset({"istio-proxy", "proxy", "envoy"})
+PROXY_CONTAINERS = frozenset({"istio-proxy", "proxy", "envoy", "linkerd-proxy"})
 
 # Kubernetes object names: DNS-1123 labels/subdomains; '_' never occurs, so it separates.
 _NAME = r"[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?"
@@ -61,8 +66,11 @@ _CRI_PARTIAL_PC = rf"^{_TS} (?:stdout|stderr) P"
 ACCESS_TEXT = r"^\[\d{4}-\d\d-\d\dT"
 # Istio JSON access lines: an object carrying keys every Istio JSON format has.
 ACCESS_JSON = r'^\s*\{.*"(?:start_time|response_code|upstream_cluster|downstream_remote_address)"'
-# The proxy's own diagnostics: pilot-agent/istio ('<ts>\t<level>\t'), Envoy ('[date time][').
-PROXY_DIAG = rf"^(?:{_TS}\t|\[\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\]\[)"
+# The proxy's own diagnostics: pilot-agent/istio ('<ts>\t<level>\t'), Envoy ('[date time]['),
+# linkerd-proxy's plain log ('[ <uptime seconds>.<micros>s] ', linkerd/tracing/src/uptime.rs).
+PROXY_DIAG = (
+    rf"^(?:{_TS}\t|\[\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\]\[|\[ *\d+\.\d{{6}}s\] )"
+)
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,55 @@ def classify_lines(
         return ~(other | is_json), is_json
     # ACCESS_TEXT ('[YYYY-MM-DDT') checked on the first 12 bytes of every line at once.
     return _text_shape(head) & ok, is_json
+
+
+def classify_linkerd(
+    inner: pa.StringArray, *, not_rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of linkerd-proxy access-log candidates: ``(apache, json)``.
+
+    ``not_rows``: lines already claimed (Istio candidates), never Linkerd ones. The regexes run
+    only on lines whose first byte allows them (a digit or ``[`` for apache, ``{`` or
+    whitespace for JSON), so Istio-only chunks pay a numpy pass over the first bytes.
+    """
+    n = len(inner)
+    apache = np.zeros(n, dtype=bool)
+    js = np.zeros(n, dtype=bool)
+    if n == 0:
+        return apache, js
+    head, ok = _heads(inner, 1)
+    first = head[:, 0]
+    free = ok if not_rows is None else ok & ~not_rows
+    maybe_apache = free & (((first >= 48) & (first <= 57)) | (first == 91))
+    maybe_json = free & np.isin(first, _JSON_FIRST)
+    for maybe, pattern, out in ((maybe_apache, LINKERD_APACHE, apache),
+                                (maybe_json, LINKERD_JSON, js)):
+        if maybe.any():
+            rows = np.flatnonzero(maybe)
+            hits = pc.match_substring_regex(inner.take(pa.array(rows)), pattern)
+            out[rows] = pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
+    return apache, js
+
+
+_IP6_BYTES = np.frombuffer(b"0123456789abcdefABCDEF:.]", dtype=np.uint8)
+
+
+def maybe_linkerd_raw(data: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                      rows: np.ndarray) -> bool:
+    """True if any of ``rows`` (byte ranges of ``data``) may be a Linkerd apache line: it
+    starts like an IPv4 address (a digit, then a '.' within 4 bytes) or a bracketed IPv6 one
+    ('[' and 5 address bytes or ']'). The raw Istio path reads no such line; Envoy's and
+    pilot-agent's diagnostics never start that way."""
+    idx = np.flatnonzero(rows)
+    idx = idx[(ends[idx] - starts[idx]) >= 7]
+    if len(idx) == 0:
+        return False
+    pos = np.add.outer(starts[idx], np.arange(6)).astype(np.intp)
+    head = np.take(data, pos, mode="clip")
+    digit = (head[:, 0] >= 48) & (head[:, 0] <= 57)
+    ip4 = digit & (head[:, 1:5] == 46).any(axis=1)
+    ip6 = (head[:, 0] == 91) & np.isin(head[:, 1:6], _IP6_BYTES).all(axis=1)
+    return bool((ip4 | ip6).any())
 
 
 def _swar(fixed: dict[int, int], digits: Sequence[int]) -> tuple[int, int, int, int, int]:

@@ -9,9 +9,10 @@ lines read, records made, proxy diagnostics ignored, malformed access lines (wit
 files skipped.
 
 Per chunk of lines (~4 MiB): layout prefixes are stripped vectorized, lines are classified
-(access candidates vs. proxy diagnostics), deduped by 64-bit hash, parsed by
-:mod:`observe.envoy_format` and mapped by :mod:`observe.istio`. Memory is bounded by the
-chunk size plus the dedupe keys (8 bytes per distinct access line).
+(Istio TEXT/JSON and linkerd-proxy apache/JSON access candidates vs. proxy diagnostics),
+deduped by 64-bit hash, parsed by :mod:`observe.envoy_format` and mapped by
+:mod:`observe.istio` (Linkerd lines: parsed and mapped by :mod:`observe.linkerd`). Memory is
+bounded by the chunk size plus the dedupe keys (8 bytes per distinct access line).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe import envoy_format, istio, layouts
+from observe import envoy_format, istio, layouts, linkerd
 from observe.capture import SOURCE_PCAP, CaptureMapper, capture_batches
 from observe.errors import InputError
 from observe.flows_io import read_flows
@@ -60,6 +61,9 @@ MAX_SAMPLES = 10
 SOURCE_TEXT = "istio-text"
 SOURCE_JSON = "istio-json"
 SOURCE_CUSTOM = "envoy-custom"
+SOURCE_LINKERD_APACHE = linkerd.SOURCE_APACHE
+SOURCE_LINKERD_JSON = linkerd.SOURCE_JSON
+_LINKERD_SOURCES = (SOURCE_LINKERD_APACHE, SOURCE_LINKERD_JSON)
 
 
 @dataclass
@@ -201,7 +205,10 @@ class _Job:
     fmt: envoy_format.EnvoyFormat | None
 
     def run(self) -> _Result:
-        if self.source == SOURCE_JSON:
+        if self.source in _LINKERD_SOURCES:
+            assert isinstance(self.lines, pa.Array)
+            parsed = linkerd.parse(self.lines, self.source)
+        elif self.source == SOURCE_JSON:
             assert isinstance(self.lines, pa.Array)
             parsed = envoy_format.parse_json(self.lines)
         else:
@@ -225,6 +232,11 @@ class _Job:
             rep = self.reporters.take(pa.array(keep)) if self.reporters is not None else None
         if rep is None:
             rep = _constant(self.reporter, len(keep))
+        if self.source in _LINKERD_SOURCES:
+            batch = linkerd.to_flows(parsed.fields, reporter=rep,
+                                     origin=_origins(self.name, self.linenos[keep]),
+                                     source=self.source)
+            return _Result(self.source, [batch], bad, samples)
         main, legs, _ = istio.flow_batches(
             parsed.fields,
             reporter=rep,
@@ -343,6 +355,9 @@ class _Reader:
             is_text = None
             if kubectl and self.fmt is None and self.dedupe is None:
                 is_text = layouts.classify_raw(lines.data, lines.starts, lines.ends)
+                if is_text is not None and not is_text.all() and layouts.maybe_linkerd_raw(
+                        lines.data, lines.starts, lines.ends, ~is_text):
+                    is_text = None  # Linkerd apache lines: the string path classifies them
             if is_text is not None:
                 yield from self.process_raw(lines, is_text, linenos, name, ref)
                 return
@@ -362,7 +377,13 @@ class _Reader:
                 if ref.reporter is not None:
                     reporters = pc.fill_null(reporters, ref.reporter)
         is_text, is_json = layouts.classify_lines(inner, custom_format=self.fmt is not None)
-        candidates = is_text | is_json
+        if self.fmt is not None:
+            # A custom format's text mask is every other line: Linkerd's are told apart first.
+            lk_apache, lk_json = layouts.classify_linkerd(inner, not_rows=is_json)
+            is_text &= ~lk_apache
+        else:
+            lk_apache, lk_json = layouts.classify_linkerd(inner, not_rows=is_text | is_json)
+        candidates = is_text | is_json | lk_apache | lk_json
         self.stats.ignored_lines += int(len(candidates) - candidates.sum())
         if self.dedupe is not None and candidates.any():
             idx = np.flatnonzero(candidates)
@@ -371,9 +392,10 @@ class _Reader:
             new = self.dedupe.filter(keys)
             dup = idx[~new]
             self.stats.duplicates += len(dup)
-            is_text[dup] = False
-            is_json[dup] = False
-        for mask, source in ((is_text, self.text_source), (is_json, SOURCE_JSON)):
+            for mask in (is_text, is_json, lk_apache, lk_json):
+                mask[dup] = False
+        for mask, source in ((is_text, self.text_source), (is_json, SOURCE_JSON),
+                             (lk_apache, SOURCE_LINKERD_APACHE), (lk_json, SOURCE_LINKERD_JSON)):
             if not mask.any():
                 continue
             idx = np.flatnonzero(mask)
