@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -132,12 +134,23 @@ class CaptureMapper:
         )}
         h1 = _http1_requests(out.http)
         with_h1 = set(h1.conn_ids.tolist())
+        # Each HTTP/1 connection's first Host header names the service it reached.
+        first_host: dict[int, str] = {}
+        for conn_id, host_header in zip(h1.conn_ids.tolist(), h1.host.to_pylist(),
+                                        strict=True):
+            if host_header and conn_id not in first_host:
+                first_host[conn_id] = host_header
         # Names first: a DNS answer in this output names the connections after it.
         infos: list[payload.StreamInfo] = []
         for i in range(n):
             origin = f"{self.name}:packet {cols['first_frame'][i]}"
             client, server = cols["client_head"][i] or b"", cols["server_head"][i] or b""
-            if cols["transport"][i] == "udp":
+            if cols["conn_id"][i] in with_h1 and _HTTP1_START.match(client):
+                # Cleartext HTTP/1: its requests come from the packets (vectorized below);
+                # walking the head again would only repeat them.
+                info = payload.StreamInfo(protocol=payload.PROTO_HTTP, mtls=payload.PLAINTEXT,
+                                          reason="HTTP/1 request lines in the packets")
+            elif cols["transport"][i] == "udp":
                 info = payload.classify_datagrams(
                     [client] if client else [], [server] if server else [],
                     server_port=cols["server_port"][i], origin=origin)
@@ -178,6 +191,8 @@ class CaptureMapper:
             head_requests = [] if conn_id in with_h1 else [r for r in info.requests if r.method]
             first_request = head_requests[0] if head_requests else (
                 info.requests[0] if info.requests else None)
+            if first_request is None and conn_id in first_host:
+                first_request = payload.HttpRequest(authority=first_host[conn_id])
             host = _service_host(info, first_request, cols["server_ip"][i], self.dns)
             conn_host[conn_id] = None if first_request is not None else host
             self._add(rows, {
@@ -298,6 +313,7 @@ _REQUEST_RE = (r"^(?P<method>[A-Z][A-Z0-9_-]{0,31}) (?P<target>[^ \r\n]+) "
 _STATUS_RE = r"^(?P<version>HTTP/1\.[01]) (?P<status>\d{3})"
 # Header lines are non-empty: the lazy repetition cannot step over the blank line that ends them.
 _HOST_RE = r"(?i)^[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*?host[ \t]*:[ \t]*(?P<host>[^\r\n]*?)[ \t]*\r?\n"
+_HTTP1_START = re.compile(rb"[A-Z][A-Z0-9_-]{0,31} [^ \r\n]+ HTTP/1\.[01]\r?\n")
 #: The body Envoy's RBAC filter answers a denied request with (HTTP 403).
 RBAC_DENIED_BODY = "RBAC: access denied"
 
@@ -336,6 +352,23 @@ def _ranks(groups: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
     first = np.repeat(starts, np.diff(np.r_[starts, n]))
     return np.arange(n) - first
+
+
+def _host_headers(data: pa.Array) -> pa.Array:
+    """The Host header of each request message (null if none): searched in the first KiB,
+    where clients put it, then in the whole message for the few that don't have it there."""
+    head = pc.binary_slice(data, 0, 1024)
+    host = pc.struct_field(pc.extract_regex(head, _HOST_RE), "host")
+    missing = np.flatnonzero((pc.is_null(host).to_numpy(zero_copy_only=False))
+                             & (pc.binary_length(data).to_numpy(zero_copy_only=False) > 1024))
+    if len(missing):
+        again = pc.struct_field(pc.extract_regex(data.take(pa.array(missing)), _HOST_RE),
+                                "host")
+        values = host.to_pylist()
+        for i, v in zip(missing.tolist(), again.to_pylist(), strict=True):
+            values[i] = v
+        host = pa.array(values, host.type)
+    return host
 
 
 def _http1_requests(http: pa.Table) -> _Http1:
@@ -377,11 +410,17 @@ def _http1_requests(http: pa.Table) -> _Http1:
     take_req = pa.array(req_idx)
     statuses = status_all.take(pa.array(np.where(paired, partner, 0)))
     status = pc.if_else(pa.array(paired), statuses, pa.scalar(None, pa.int32()))
-    rbac = pc.fill_null(pc.and_(pc.equal(status_all, 403),
-                                pc.match_substring(data, RBAC_DENIED_BODY)), False)
-    denied = pc.and_(pa.array(paired), rbac.take(pa.array(np.where(paired, partner, 0))))
+    # Only 403 answers can be RBAC denials: search their bodies alone.
+    rbac = np.zeros(len(conn), dtype=bool)
+    forbidden = np.flatnonzero(pc.fill_null(pc.equal(status_all, 403), False).to_numpy(
+        zero_copy_only=False))
+    if len(forbidden):
+        rbac[forbidden] = pc.fill_null(pc.match_substring(
+            data.take(pa.array(forbidden)), RBAC_DENIED_BODY), False).to_numpy(
+                zero_copy_only=False)
+    denied = pa.array(paired & rbac[np.where(paired, partner, 0)])
     fields = req.take(take_req)
-    host = pc.struct_field(pc.extract_regex(data.take(take_req), _HOST_RE), "host")
+    host = _host_headers(data.take(take_req))
     host_ok = pc.fill_null(pc.greater(pc.binary_length(host), 0), False)
     return _Http1(
         conn_ids=conn[req_idx], frames=frame[req_idx],
@@ -399,19 +438,33 @@ def capture_batches(
     stream: BinaryIO, name: str, *, source: str = SOURCE_PCAP, stats: CaptureStats | None = None,
     mapper: CaptureMapper | None = None, tracker: ConnectionTracker | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Flow records of one capture file, streamed: connections are emitted as they end."""
+    """Flow records of one capture file, streamed: connections are emitted as they end.
+
+    The reader decodes ahead on its own thread (see :func:`observe.pcap.read_packets`) and
+    mapping runs on another while this one tracks the next batch; records come out in order.
+    """
     stats = stats if stats is not None else CaptureStats(name)
     mapper = mapper or CaptureMapper(name, source)
     tracker = tracker or ConnectionTracker(idle_timeout_s=IDLE_TIMEOUT_S)
-    for batch in read_packets(stream, name, stats=stats):
-        mapper.stats.packets += len(batch)
-        tracker.update(batch)
-        flushed = tracker.flush()
-        if flushed.connections.num_rows:
-            yield mapper.records(flushed)
-    rest = tracker.finish()
-    if rest.connections.num_rows:
-        yield mapper.records(rest)
+    pending: deque[Future[pa.RecordBatch]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="meshwright-capture-map") as pool:
+        try:
+            for batch in read_packets(stream, name, stats=stats):
+                mapper.stats.packets += len(batch)
+                tracker.update(batch)
+                flushed = tracker.flush()
+                if flushed.connections.num_rows:
+                    pending.append(pool.submit(mapper.records, flushed))
+                while pending and (pending[0].done() or len(pending) > 2):
+                    yield pending.popleft().result()
+            rest = tracker.finish()
+            if rest.connections.num_rows:
+                pending.append(pool.submit(mapper.records, rest))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class LiveRun:
