@@ -18,7 +18,12 @@ NetworkPolicy and a mesh policy both stand in its way). The result lists:
   nothing restricts it (no ALLOW policy, a permissive Linkerd default, a pod no NetworkPolicy
   isolates, PERMISSIVE mTLS where only mTLS was seen);
 * **newly allowed**: requests an existing policy denied when they were recorded that the set
-  would allow.
+  would allow;
+* **latent breakage**: where a destination runs no proxy of an engine (Linkerd policies for
+  pods that carry istio-proxy, say - a migration), that engine's policies enforce nothing: its
+  verdict is n/a and the destination *unrestricted*, but they are still evaluated as if the
+  proxy ran - the permissions that traffic would use count as exercised, and what they would
+  deny is listed here.
 
 JSON document (:func:`result_json`, ``version`` 1)::
 
@@ -27,13 +32,14 @@ JSON document (:func:`result_json`, ``version`` 1)::
      "policies": {"objects": N, "by_kind": {"<apiGroup>/<Kind>": N}, "ignored": {...}},
      "summary": {"observations": N, "requests": N, "allowed": N, "denied": N,
                  "unknown": N, "breakage": N, "breakage_requests": N, ...},
-     "breakage" | "unknown" | "newly_allowed" | "still_denied": [
+     "breakage" | "unknown" | "newly_allowed" | "still_denied" | "latent_breakage": [
         {"source": "<node id>", "destination": "<node id>", "port": 9080,
          "transport": "tcp", "protocol": "http", "method": "GET", "path": "/x", "host": ...,
          "mtls": "mtls|plaintext|tls|unknown", "source_ip": ..., "requests": N,
          "verdict": "deny|unknown|allow",
          "engines": [{"engine": "istio", "verdict": "deny", "reason": "...",
-                      "policy": "<ns>/<name>" | null}],
+                      "policy": "<ns>/<name>" | null,
+                      "latent": "allow|deny|unknown"}],  # only where not enforced
          "evidence": ["file:line", ...]}],
      "over_permission": [
         {"engine": "istio", "object": "AuthorizationPolicy <ns>/<name>",
@@ -419,6 +425,9 @@ class EngineVerdict:
     verdict: str
     reason: str
     policy: str | None = None
+    latent: str | None = None
+    """Where the destination runs no proxy of this engine (verdict n/a): the verdict once it
+    does."""
 
 
 @dataclass
@@ -476,6 +485,13 @@ class CheckResult:
     def still_denied(self) -> list[Checked]:
         return self._select(DENY, True)
 
+    @property
+    def latent_breakage(self) -> list[Checked]:
+        """Observed traffic that passes only because a destination runs no proxy of an engine
+        whose policies would deny it once it does (a mesh migration's breakage)."""
+        return [c for c in self.checked if c.verdict != DENY and not c.observation.denied
+                and any(v.latent == DENY for v in c.engines)]
+
 
 # -- the check ------------------------------------------------------------------------------
 
@@ -510,10 +526,13 @@ def check(observed: Sequence[Observation], policies: PolicySet, inventory: Inven
     for obs in observed:
         verdicts: list[EngineVerdict] = []
         if "istio" in engines:
-            verdicts.append(_istio(obs, istio_set, ctx, options, istio_hits, open_,
-                                   permissive))
+            verdicts.append(_unenforced(
+                _istio(obs, istio_set, ctx, options, istio_hits, open_, permissive),
+                obs, ctx, "istio-proxy", open_))
         if "linkerd" in engines:
-            verdicts.append(_linkerd(obs, lk, ctx, defaults, options, lk_hits, open_))
+            verdicts.append(_unenforced(
+                _linkerd(obs, lk, ctx, defaults, options, lk_hits, open_),
+                obs, ctx, "linkerd-proxy", open_))
         if "netpol" in engines:
             verdicts.append(_netpol(obs, net_set, ctx, net_hits, open_))
         states = {v.verdict for v in verdicts}
@@ -596,9 +615,25 @@ def _not_applicable(obs: Observation, ctx: _Context, engine: str,
                              "not resolved")
     if not ctx.is_workload(obs.destination):
         return EngineVerdict(engine, NA, "destination outside the mesh")
-    if ctx.proxy(obs.destination, obs.destination_pod, container) is False:
-        return EngineVerdict(engine, NA, f"destination runs no {container}: not enforced")
     return None
+
+
+def _unenforced(verdict: EngineVerdict, obs: Observation, ctx: _Context, container: str,
+                open_: dict[tuple[str, str, int, str], int]) -> EngineVerdict:
+    """The verdict where the destination runs the engine's proxy; where it runs none (its pods
+    carry another mesh's proxy or none), the policies are evaluated as if it did - what they
+    would do once it is injected, which also tells which of their permissions the traffic
+    uses - but enforce nothing: n/a, the would-be verdict kept as ``latent``, the destination
+    listed as unrestricted."""
+    if verdict.verdict == NA or ctx.proxy(obs.destination, obs.destination_pod,
+                                          container) is not False:
+        return verdict
+    key = (verdict.engine, obs.destination, obs.port,
+           f"destination runs no {container}: its {verdict.engine} policies are not enforced")
+    open_[key] = open_.get(key, 0) + obs.requests
+    return EngineVerdict(verdict.engine, NA, f"destination runs no {container}: not enforced "
+                         f"(with one: {verdict.verdict}, {verdict.reason})", verdict.policy,
+                         latent=verdict.verdict)
 
 
 def _istio(obs: Observation, manifests: Sequence[Mapping[str, Any]], ctx: _Context,
@@ -608,6 +643,8 @@ def _istio(obs: Observation, manifests: Sequence[Mapping[str, Any]], ctx: _Conte
     skip = _not_applicable(obs, ctx, "istio", "istio-proxy")
     if skip is not None:
         return skip
+    if ctx.proxy(obs.destination, obs.destination_pod, "istio-proxy") is False:
+        open_, permissive = {}, {}  # not enforced: nothing to say about what it lets through
     labels = ctx.labels(obs.destination, obs.destination_pod)
     if labels is None:
         return EngineVerdict("istio", UNKNOWN, "destination pod labels are not known")
@@ -647,6 +684,8 @@ def _linkerd(obs: Observation, lk: linkerd.LinkerdPolicies, ctx: _Context,
     skip = _not_applicable(obs, ctx, "linkerd", "linkerd-proxy")
     if skip is not None:
         return skip
+    if ctx.proxy(obs.destination, obs.destination_pod, "linkerd-proxy") is False:
+        open_ = {}  # not enforced: nothing to say about what its defaults let through
     labels = ctx.labels(obs.destination, obs.destination_pod)
     if labels is None:
         return EngineVerdict("linkerd", UNKNOWN, "destination pod labels are not known")
@@ -664,7 +703,7 @@ def _linkerd(obs: Observation, lk: linkerd.LinkerdPolicies, ctx: _Context,
             method=obs.method, path=obs.path,
             client_identity=linkerd.linkerd_identity(principal, domain),
             client_ip=obs.source_ip, default_policy=default,
-            probe_paths=ctx.probes(obs.destination, obs.destination_pod))
+            probe_paths=ctx.probes(obs.destination, obs.destination_pod), host=obs.host)
         results.append(linkerd.evaluate_linkerd(lk, req))
     verdicts = {r.verdict for r in results}
     if len(verdicts) > 1:
@@ -727,7 +766,8 @@ def _checked_json(c: Checked) -> dict[str, Any]:
         "host": o.host, "mtls": o.mtls, "source_ip": o.source_ip, "requests": o.requests,
         "verdict": c.verdict,
         "engines": [{"engine": v.engine, "verdict": v.verdict, "reason": v.reason,
-                     "policy": v.policy} for v in c.engines],
+                     "policy": v.policy, **({"latent": v.latent} if v.latent else {})}
+                    for v in c.engines],
         "evidence": list(o.evidence),
     }
 
@@ -745,6 +785,7 @@ def result_json(result: CheckResult) -> dict[str, Any]:
         "breakage_requests": sum(c.observation.requests for c in result.breakage),
         "newly_allowed": len(result.newly_allowed),
         "still_denied": len(result.still_denied),
+        "latent_breakage": len(result.latent_breakage),
         "over_permission": len(result.over_permission),
         "unrestricted": len(result.unrestricted),
     }
@@ -759,6 +800,7 @@ def result_json(result: CheckResult) -> dict[str, Any]:
         "unknown": [_checked_json(c) for c in result.unknown],
         "newly_allowed": [_checked_json(c) for c in result.newly_allowed],
         "still_denied": [_checked_json(c) for c in result.still_denied],
+        "latent_breakage": [_checked_json(c) for c in result.latent_breakage],
         "over_permission": [
             {"engine": o.engine, "object": o.object, "part": o.part, "what": o.what,
              "origin": o.origin} for o in result.over_permission],
@@ -776,14 +818,14 @@ def _cell(text: Any) -> str:
     return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
 
 
-def _rows(items: Sequence[Checked]) -> list[str]:
+def _rows(items: Sequence[Checked], latent: bool = False) -> list[str]:
     lines = ["| source | destination | port | request | mTLS | requests | why | evidence |",
              "|---|---|---|---|---|---|---|---|"]
     for c in items:
         o = c.observation
         request = f"{o.method} {o.path}" if o.method else o.protocol
         why = "; ".join(f"{v.engine}: {v.reason}" for v in c.engines
-                        if v.verdict == c.verdict)
+                        if (v.latent == DENY if latent else v.verdict == c.verdict))
         lines.append("| " + " | ".join(_cell(x) for x in (
             o.source + (f" ({o.source_ip})" if o.source_ip and o.mtls != "mtls" else ""),
             o.destination, o.port, request, o.mtls, o.requests, why,
@@ -808,14 +850,16 @@ def render_markdown(result: CheckResult) -> str:
                f"**Breakage: {s['breakage']}** ({s['breakage_requests']} requests); "
                f"over-permission: {s['over_permission']}; unrestricted: {s['unrestricted']}.")
     sections = [
-        ("Breakage: observed traffic the policies would deny", result.breakage),
-        ("Unknown: cannot be decided from the evidence", result.unknown),
+        ("Breakage: observed traffic the policies would deny", result.breakage, False),
+        ("Unknown: cannot be decided from the evidence", result.unknown, False),
         ("Newly allowed: denied when recorded, allowed by these policies",
-         result.newly_allowed),
+         result.newly_allowed, False),
+        ("Latent breakage: not enforced yet (the destination runs no proxy of the mesh), "
+         "denied once it does", result.latent_breakage, True),
     ]
-    for title, items in sections:
+    for title, items, latent in sections:
         out += ["", f"## {title}", ""]
-        out += _rows(items) if items else ["None."]
+        out += _rows(items, latent) if items else ["None."]
     out += ["", "## Over-permission: permissions no observed traffic exercised", ""]
     if result.over_permission:
         out += ["| engine | object | part | what | file |", "|---|---|---|---|---|"]

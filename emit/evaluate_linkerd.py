@@ -23,11 +23,15 @@ The decision for a request to a meshed pod's port:
    decides (the pod's ``config.linkerd.io/default-inbound-policy`` annotation, else its
    namespace's, else the cluster default), with kubelet probes (GET to a probe path) always
    authorized.
-2. With a Server, HTTP requests are routed: when HTTPRoutes name the Server as a parent, the
-   request takes the one route that matches with the highest Gateway API precedence (exact path,
-   then the longest prefix, then a method match, then more header/query matches; ties by name),
-   and a request no route matches is rejected (404). Without routes every request is on the
-   default route and the probe route still authorizes probes.
+2. With a Server, HTTP requests are routed as linkerd2-proxy routes them (source files and
+   lines cited above :func:`select_route`): when HTTPRoutes name the Server as a parent, the
+   request takes the one route whose match scores highest - host match, then path characters
+   matched (``Exact`` and ``PathPrefix`` alike; prefixes and paths trimmed of trailing ``/``),
+   header count, query-parameter count, method given; ties go to the older route, then the
+   name - and a request no route matches is rejected (404). Without routes every request is on
+   the default route and the probe route still authorizes probes. ``gRPC`` Servers take no
+   HTTPRoutes (GRPCRoutes are not modelled: the default route); ``opaque``/``TLS`` Servers
+   route nothing (connection-level authorizations only).
 3. Authorizations: AuthorizationPolicies targeting the Server, the chosen route, or the
    namespace, and ServerAuthorizations selecting the Server (by name or labels). Any one whose
    authentications all hold allows the request; TCP connections (and opaque traffic) only see
@@ -117,6 +121,8 @@ class LinkerdRequest:
     cluster default given to :func:`evaluate_linkerd`."""
     probe_paths: frozenset[tuple[int, str]] = frozenset()
     """(port, path) of the pod's HTTP kubelet probes."""
+    host: str | None = None
+    """The request's ``Host``/``:authority`` (matched against HTTPRoute ``hostnames``)."""
 
     @property
     def http(self) -> bool:
@@ -219,56 +225,189 @@ class LinkerdPolicies:
 
 
 # -- HTTPRoute matching ---------------------------------------------------------------------
+#
+# Route selection follows linkerd2-proxy (linkerd/linkerd2-proxy @ 29637b64, read, not copied):
+#
+# * linkerd/http/route/src/http/match/path.rs:22-55 - ``Exact`` matches the request path
+#   (``uri.path()``, no query) verbatim and scores its length; ``PathPrefix`` ``/`` scores 1;
+#   any other prefix has its trailing ``/`` trimmed, the request path too, and must then match
+#   whole segments; it scores the trimmed prefix's length; a ``RegularExpression`` must span
+#   the whole path (leftmost-first search anchored at both ends) and scores the path's length.
+#   path.rs:99-103: Exact, Prefix and Regex compare by that length only - an Exact ``/a`` and a
+#   PathPrefix ``/a`` tie.
+# * linkerd/http/route/src/http/match.rs:45-70 - a match needs its method (compared as is),
+#   path, every header and every query parameter; match.rs:96-103 ranks (path length, header
+#   count, query-parameter count, method given); match.rs:73-85 - no path is ``Prefix("/")``.
+# * linkerd/http/route/src/lib.rs:57-107 - a route with ``hostnames`` applies only when one
+#   matches the request's host (http/match/host.rs:51-80, exact beats ``*.`` suffix, then
+#   longer); routes are compared by (host match, rule match), a rule by its best match, a rule
+#   without matches has the default one; on a tie the FIRST route/rule wins (``best``).
+# * The route order is the policy controller's (linkerd/linkerd2 @ b24cd405,
+#   policy-controller/grpc/src/inbound/http.rs:25-35 and core/src/routes.rs:108-116): oldest
+#   ``creationTimestamp`` first (routes with one before those without), then name, group.
+# * linkerd/app/inbound/src/policy/http.rs:213-229 - no route: 404; the route's authorizations
+#   then the Server's (linkerd/proxy/server-policy/src/authz.rs:80-87) are tried in turn.
+# * Which routes a Server has (policy-controller/k8s/index/src/inbound/index.rs:1997-2035):
+#   HTTPRoutes naming it; none: the defaults (``default`` + ``probe``); a ``gRPC`` Server only
+#   has GRPCRoutes (not modelled here: the default route); opaque/TLS Servers route nothing
+#   (policy-controller/grpc/src/inbound.rs:186-220).
+
+#: (host match, path length, headers, query parameters, method): greater wins.
+Rank = tuple[tuple[int, int], int, int, int, int]
 
 
-def _path_matches(match: Mapping[str, Any], path: str) -> tuple[Tri, int, bool]:
-    """(matches, prefix length, exact) for one HTTPRoute match's path."""
-    spec = match.get("path") or {}
+def path_match_length(match: Mapping[str, Any], path: str) -> tuple[Tri, int]:
+    """(matches, characters matched) of one HTTPRoute match's ``path`` against a request path
+    without its query, as linkerd2-proxy scores it."""
+    spec = match.get("path")
+    if not spec:
+        return True, 1
     kind = spec.get("type") or "PathPrefix"
-    value = str(spec.get("value") or "/")
+    value = spec.get("value")
+    value = "/" if value is None else str(value)
     if kind == "Exact":
-        return path == value, len(value), True
+        return path == value, len(value)
     if kind == "PathPrefix":
+        if value == "/":
+            return True, 1
         prefix = value.rstrip("/")
-        ok = prefix == "" or path == prefix or path.startswith(prefix + "/")
-        return ok, len(value), False
+        rest = path.rstrip("/")
+        if not rest.startswith(prefix):
+            return False, 0
+        suffix = rest[len(prefix):]
+        return suffix == "" or suffix.startswith("/"), len(prefix)
     if kind == "RegularExpression":
         try:
-            return re.fullmatch(value, path) is not None, 0, False
+            found = re.search(value, path)
         except re.error:
-            return None, 0, False
-    return None, 0, False
+            return None, len(path)  # Rust regex syntax Python does not parse
+        return found is not None and found.start() == 0 and found.end() == len(path), len(path)
+    return None, 0
 
 
-def _match(match: Mapping[str, Any], req: LinkerdRequest) -> tuple[Tri, tuple[int, ...]]:
+def _authority_host(authority: str) -> str:
+    """The host of a ``Host``/``:authority`` value (port and brackets dropped)."""
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else authority
+
+
+def host_match(pattern: str, host: str) -> tuple[int, int] | None:
+    """linkerd2-proxy's host match: ``(2, len)`` exact, ``(1, len)`` ``*.`` suffix, or None."""
+    if pattern.startswith("*."):
+        labels = pattern[2:].split(".")[::-1]
+        if labels[0] != "":
+            host = host.removesuffix(".")
+        length = 0
+        for label in labels:
+            if len(host) < len(label) or host[len(host) - len(label):].lower() != label.lower():
+                return None
+            host = host[:len(host) - len(label)]
+            if not host.endswith("."):
+                return None
+            host = host[:-1]
+            length += len(label) + 1
+        return (1, length)
+    if not pattern.endswith("."):
+        host = host.removesuffix(".")
+    return (2, len(pattern)) if pattern.lower() == host.lower() else None
+
+
+def _route_host(route: Mapping[str, Any], req: LinkerdRequest) -> tuple[Tri, tuple[int, int]]:
+    hostnames = (route.get("spec") or {}).get("hostnames") or []
+    if not hostnames:
+        return True, (0, 0)
+    if not req.host:
+        return None, (1, 0)  # the request's host is not in the evidence
+    host = _authority_host(req.host)
+    scores = [s for s in (host_match(str(h), host) for h in hostnames) if s is not None]
+    return (True, max(scores)) if scores else (False, (0, 0))
+
+
+def _match(match: Mapping[str, Any], req: LinkerdRequest) -> tuple[Tri, int, int, int, int]:
+    """(matches, path length, headers, query parameters, method given) for one match."""
     path = (req.path or "/").split("?", 1)[0]
-    ok, length, exact = _path_matches(match, path)
-    checks: list[Tri] = [ok]
+    checks: list[Tri] = []
     method = match.get("method")
     if method:
-        checks.append(str(method).upper() == (req.method or "").upper())
-    extra = len(match.get("headers") or []) + len(match.get("queryParams") or [])
-    if extra:
+        checks.append(None if req.method is None else str(method) == req.method)
+    ok, length = path_match_length(match, path)
+    checks.append(ok)
+    headers = len(match.get("headers") or [])
+    query = len(match.get("queryParams") or [])
+    if headers or query:
         checks.append(None)  # headers and query parameters are not in the access log
-    rank = (int(exact), length, int(bool(method)), len(match.get("headers") or []),
-            len(match.get("queryParams") or []))
-    return _and(checks), rank
+    return _and(checks), length, headers, query, int(bool(method))
 
 
-def _route_rank(route: Mapping[str, Any], req: LinkerdRequest
-                ) -> tuple[Tri, tuple[int, ...], str]:
-    """Best match of a route: (matches, precedence, ``rules[i].matches[j]``)."""
-    best: tuple[Tri, tuple[int, ...], str] = (False, (), "")
-    for i, rule in enumerate((route.get("spec") or {}).get("rules") or [{}]):
-        matches = rule.get("matches") or [{}]
-        for j, m in enumerate(matches):
-            ok, rank = _match(m, req)
-            where = f"rules[{i}].matches[{j}]" if rule.get("matches") else f"rules[{i}]"
-            if ok is True and (best[0] is not True or rank > best[1]):
-                best = (True, rank, where)
-            elif ok is None and best[0] is False:
-                best = (None, rank, where)
-    return best
+def route_order(route: Mapping[str, Any]) -> tuple[int, str, str, str]:
+    """The policy controller's order of a Server's routes (earlier wins ties)."""
+    meta = route.get("metadata") or {}
+    ts = meta.get("creationTimestamp")
+    group = str(route.get("apiVersion", "")).split("/", 1)[0]
+    return (0 if ts else 1, str(ts or ""), str(meta.get("name")), group)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    certain: bool
+    rank: Rank
+    order: tuple[int, int]
+    """(route position, rule index): lower wins a tie."""
+    route: Mapping[str, Any]
+    where: tuple[str, ...]
+
+
+def _candidates(routes: Sequence[Mapping[str, Any]], req: LinkerdRequest) -> list[_Candidate]:
+    """The best match of every rule that may match ``req``, per route and rule."""
+    out = []
+    for r, route in enumerate(sorted(routes, key=route_order)):
+        host_ok, host_rank = _route_host(route, req)
+        if host_ok is False:
+            continue
+        for i, rule in enumerate((route.get("spec") or {}).get("rules") or [{}]):
+            matches = rule.get("matches") or []
+            scored: list[tuple[Tri, Rank, str]] = []
+            if not matches:
+                scored.append((True, (host_rank, 1, 0, 0, 0), f"rules[{i}]"))
+            for j, m in enumerate(matches):
+                ok, length, headers, query, method = _match(m, req)
+                if ok is not False:
+                    scored.append((ok, (host_rank, length, headers, query, method),
+                                   f"rules[{i}].matches[{j}]"))
+            for certain in (True, False):
+                mine = [s for s in scored if (s[0] is True) == certain]
+                if not mine:
+                    continue
+                best = max(s[1] for s in mine)
+                out.append(_Candidate(
+                    certain and host_ok is True, best, (r, i), route,
+                    tuple(s[2] for s in mine if s[1] == best)))
+    return out
+
+
+def _beats(a: _Candidate, b: _Candidate) -> bool:
+    return a.rank > b.rank or (a.rank == b.rank and a.order < b.order)
+
+
+def select_route(routes: Sequence[Mapping[str, Any]], req: LinkerdRequest
+                 ) -> tuple[Tri, Mapping[str, Any] | None, tuple[str, ...]]:
+    """The route (and its best matches) linkerd2-proxy takes for ``req``: (True, route, where);
+    (False, None, ()) when none matches (404); (None, route or None, ()) when a header, query
+    or host match the evidence cannot decide could change which route is taken."""
+    found = _candidates(routes, req)
+    certain = [c for c in found if c.certain]
+    best: _Candidate | None = None
+    for c in certain:
+        if best is None or _beats(c, best):
+            best = c
+    doubts = [c for c in found if not c.certain and (best is None or _beats(c, best))]
+    if best is None:
+        return (None, doubts[0].route, ()) if doubts else (False, None, ())
+    if any(c.route is not best.route for c in doubts):
+        return None, best.route, ()
+    return True, best.route, best.where
 
 
 # -- authentications ------------------------------------------------------------------------
@@ -417,32 +556,27 @@ def evaluate_linkerd(policies: LinkerdPolicies, req: LinkerdRequest) -> LinkerdD
     server_key = key(server, policies.default_namespace)
     server_ns, server_name = _meta(server, policies.default_namespace)
     hits: dict[str, set[str]] = {server_key: {""}}
-    # Routing
+    # Routing (see the notes above select_route)
     route_key: str | None = None
     route_obj: Mapping[str, Any] | None = None
-    if req.http:
-        routes = policies.routes_for(server)
+    proxy_protocol = str((server.get("spec") or {}).get("proxyProtocol") or "unknown")
+    if req.http and proxy_protocol not in ("opaque", "TLS"):
+        routes = policies.routes_for(server) if proxy_protocol != "gRPC" else []
         if routes:
-            ranked = []
-            for route in routes:
-                ok, rank, where = _route_rank(route, req)
-                if ok is not False:
-                    rkey = key(route, policies.default_namespace)
-                    ranked.append((ok is True, rank, rkey, route, where))
-            if not ranked:
+            ok, route_obj, parts = select_route(routes, req)
+            if ok is False or route_obj is None:
                 return LinkerdDecision(DENY, f"no HTTPRoute of Server {server_ns}/{server_name} "
                                        "matches the request (404)", server=server_key,
                                        hits={})
-            ranked.sort(key=lambda r: (not r[0], [-x for x in r[1]], r[2]))
-            certain, _, route_key, route_obj, where = ranked[0]
-            if not certain:
-                return LinkerdDecision(UNKNOWN, f"HTTPRoute {route_key} may match: header or "
-                                       "query matches are not in the evidence",
-                                       server=server_key)
-            hits[route_key] = {"", where}
+            route_key = key(route_obj, policies.default_namespace)
+            if ok is None:
+                return LinkerdDecision(UNKNOWN, f"HTTPRoute {route_key} or another may take "
+                                       "the request: header, query or host matches are not in "
+                                       "the evidence", server=server_key)
+            hits[route_key] = {"", *parts}
         else:
             route_key = "default"
-            if req.is_probe:
+            if req.is_probe and proxy_protocol != "gRPC":
                 return LinkerdDecision(ALLOW, "kubelet probe: default probe authorization "
                                        "(the Server has no HTTPRoute)", server=server_key,
                                        route="probe", authorization="default:probe", hits=hits)
@@ -454,10 +588,10 @@ def evaluate_linkerd(policies: LinkerdPolicies, req: LinkerdRequest) -> LinkerdD
             continue
         ref = (policy.get("spec") or {}).get("targetRef") or {}
         kind, name = ref.get("kind"), ref.get("name")
-        route_name = _meta(route_obj, policies.default_namespace)[1] if route_obj else None
         if ((kind == "Server" and name == server_name)
                 or (kind == "Namespace" and name == server_ns)
-                or (kind == "HTTPRoute" and route_name is not None and name == route_name)):
+                or (kind == "HTTPRoute" and route_obj is not None
+                    and _targets_route(ref, route_obj, policies.default_namespace))):
             candidates.append(("AuthorizationPolicy", policy))
     for sa in policies.by_kind.get("ServerAuthorization", []):
         if policies.ns(sa) != server_ns:
@@ -492,6 +626,16 @@ def evaluate_linkerd(policies: LinkerdPolicies, req: LinkerdRequest) -> LinkerdD
     return _by_default(authz, access, f"no authorization on {where} of Server "
                        f"{server_ns}/{server_name} admits the client; accessPolicy {access}",
                        server_key, route_key, hits)
+
+
+def _targets_route(ref: Mapping[str, Any], route: Mapping[str, Any], default_ns: str) -> bool:
+    """An AuthorizationPolicy ``targetRef`` names this route: group, kind and name compared
+    case-insensitively (policy-controller k8s/index/src/inbound/authorization_policy.rs:66-76
+    and index.rs:1944-1948)."""
+    group = str(route.get("apiVersion", "")).split("/", 1)[0]
+    name = _meta(route, default_ns)[1]
+    return (str(ref.get("group") or "").lower() == group.lower()
+            and str(ref.get("name") or "").lower() == name.lower())
 
 
 def _by_default(authz: _Authz, policy: str, why: str, server: str | None,

@@ -124,7 +124,8 @@ class Match:
         """Path characters matched, the first precedence criterion."""
         if self.kind == "Exact":
             return len(self.value)
-        return len(self.stem) or 1
+        # linkerd2-proxy path.rs: "/" scores 1, any other prefix its trimmed length ("//": 0)
+        return 1 if self.value == "/" else len(self.stem)
 
     def covers(self, other: Match) -> bool:
         """Every request ``other`` matches, this matches too."""
@@ -135,9 +136,11 @@ class Match:
         return _under(other.value if other.kind == "Exact" else other.stem, self.stem)
 
     def overlaps(self, other: Match) -> bool:
+        """Some request matches both (paths compared without the methods: a match with a
+        method never covers one without)."""
         methods_meet = self.method is None or other.method is None or self.method == other.method
-        return methods_meet and (self.covers(_any_method(other))
-                                 or other.covers(_any_method(self)))
+        mine, theirs = _any_method(self), _any_method(other)
+        return methods_meet and (mine.covers(theirs) or theirs.covers(mine))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": {"type": self.kind, "value": self.value}}
@@ -544,11 +547,14 @@ def _routes(work: _ServerWork,
     for u in units:
         allowed[u] = {k for k, own in work.own.items()
                       if k not in work.server_level and any(f.covers(u) for f in own)}
-    # Equal-length overlapping matches tie on precedence: either may win, both must allow.
+    # Overlapping matches of equal precedence (path characters matched, then whether a method
+    # is given: linkerd2-proxy http/match.rs RequestMatch ordering) tie: the route order
+    # decides, so either may win and both must allow.
     ordered = sorted(units, key=_mkey)
     for i, u in enumerate(ordered):
         for v in ordered[i + 1:]:
-            if u.length == v.length and u.overlaps(v) and allowed[u] != allowed[v]:
+            if (u.length == v.length and (u.method is None) == (v.method is None)
+                    and u.overlaps(v) and allowed[u] != allowed[v]):
                 merged = allowed[u] | allowed[v]
                 allowed[u] = set(merged)
                 allowed[v] = set(merged)

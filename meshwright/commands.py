@@ -311,7 +311,9 @@ def check(args: argparse.Namespace) -> int:
     _say(args, f"meshwright: {len(observed)} observations checked against "
                f"{len(policies.manifests)} policy objects ({', '.join(result.engines)}): "
                f"{len(result.breakage)} would break, {len(result.unknown)} unknown, "
-               f"{len(result.over_permission)} unused permissions")
+               f"{len(result.over_permission)} unused permissions"
+               + (f"; {len(result.latent_breakage)} would break once the destinations run "
+                  "the mesh proxy the policies are for" if result.latent_breakage else ""))
     if result.breakage or (args.fail_on_unknown and result.unknown):
         return EXIT_BREAKAGE
     return EXIT_OK

@@ -193,7 +193,8 @@ def test_json_and_markdown(bookinfo: Any) -> None:
     assert doc["summary"]["breakage_requests"] == sum(c.observation.requests
                                                       for c in result.breakage)
     assert set(doc) == {"version", "engines", "policies", "summary", "breakage", "unknown",
-                        "newly_allowed", "still_denied", "over_permission", "unrestricted"}
+                        "newly_allowed", "still_denied", "latent_breakage", "over_permission",
+                        "unrestricted"}
     entry = doc["breakage"][0]
     assert set(entry) == {"source", "destination", "port", "transport", "protocol", "method",
                           "path", "host", "mtls", "source_ip", "requests", "verdict",
@@ -202,3 +203,47 @@ def test_json_and_markdown(bookinfo: Any) -> None:
     text = checking.render_markdown(result)
     assert f"**Breakage: {len(result.breakage)}**" in text
     assert "| bookinfo/nightly-report | bookinfo/details-v1 | 9080 | GET /details/" in text
+
+
+def test_policies_of_a_mesh_the_pods_do_not_run_are_not_enforced(bookinfo: Any,
+                                                                  tmp_path: Path) -> None:
+    """The docs' Istio set against pods whose sidecar is linkerd-proxy (the sample's inventory
+    with the container renamed): Istio enforces nothing there. The requests the set would deny
+    (derived in test_docs_set_breakage_derived_by_hand) are latent breakage, not breakage; the
+    rules the traffic would use still count as used; every destination is unrestricted."""
+    _, _, learned, observed = bookinfo
+    text = (SAMPLE / "inventory.json").read_text("utf-8").replace('"istio-proxy"',
+                                                                  '"linkerd-proxy"')
+    (tmp_path / "inventory.json").write_text(text, encoding="utf-8")
+    inventory = load_inventory([tmp_path / "inventory.json"])
+    result = checking.check(observed, _policy_set(_docs_set("bookinfo")), inventory,
+                            learned.graph)
+    assert result.breakage == [] and result.still_denied == []
+    latent = {(c.observation.source, c.observation.destination, c.observation.method)
+              for c in result.latent_breakage}
+    assert latent == {
+        ("istio-system/istio-ingressgateway", "bookinfo/productpage-v1", "POST"),
+        ("bookinfo/nightly-report", "bookinfo/details-v1", "GET"),
+        ("legacy/legacy-client", "bookinfo/ratings-v1", "GET"),
+    }
+    for c in result.latent_breakage:
+        (v,) = c.engines
+        assert (v.verdict, v.latent) == ("n/a", "deny")
+        assert v.reason.startswith("destination runs no istio-proxy: not enforced (with one: "
+                                   "deny, no ALLOW rule matches")
+    assert result.over_permission == []
+    # reviews-v2's client-side lines to a ratings pod replaced before it logged name no pod
+    # the inventory knows: whether that pod ran a sidecar is unknown, so those requests are
+    # evaluated as enforced - and there the set is PERMISSIVE with only mTLS seen.
+    assert {(u.destination, u.what) for u in result.unrestricted} == {
+        (d, "destination runs no istio-proxy: its istio policies are not enforced")
+        for d in ("bookinfo/details-v1", "bookinfo/productpage-v1", "bookinfo/ratings-v1",
+                  "bookinfo/reviews-v1", "bookinfo/reviews-v2", "bookinfo/reviews-v3",
+                  "istio-system/istio-ingressgateway")} | {
+        ("bookinfo/ratings-v1", "PeerAuthentication PERMISSIVE accepts plaintext, but every "
+         "observed request it lets through was mTLS")}
+    text = checking.render_markdown(result)
+    latent_md = text.split("## Latent breakage", 1)[1].split("## Over-permission", 1)[0]
+    row = next(line for line in latent_md.splitlines()
+               if line.startswith("| bookinfo/nightly-report | bookinfo/details-v1"))
+    assert "| istio: destination runs no istio-proxy: not enforced (with one: deny" in row

@@ -13,7 +13,9 @@ from emit.evaluate_linkerd import (
     LinkerdPolicies,
     LinkerdRequest,
     evaluate_linkerd,
+    host_match,
     linkerd_identity,
+    path_match_length,
 )
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "policies"
@@ -222,3 +224,162 @@ def test_identity_conversion() -> None:
     assert linkerd_identity("cluster.local/ns/booksapp/sa/webapp") == ident("webapp", "booksapp")
     assert linkerd_identity(ident("a", "b")) == ident("a", "b")
     assert linkerd_identity(None) is None
+
+
+# --- route selection as linkerd2-proxy does it ------------------------------------------------
+# Expected values derived by hand from linkerd2-proxy's linkerd/http/route/src (path.rs: match
+# lengths; match.rs: (path length, headers, query params, method) order; lib.rs: host first,
+# first route/rule wins ties) and the policy controller's route order (oldest, then name).
+
+
+@pytest.mark.parametrize(("kind", "value", "path", "expected"), [
+    ("Exact", "/foo/bar", "/foo/bar", 8),
+    ("Exact", "/foo/bar", "/foo/bar/", None),          # verbatim: no trimming for Exact
+    ("Exact", "/foo/bar", "/foo", None),
+    ("PathPrefix", "/", "/anything", 1),
+    ("PathPrefix", "/foo", "/foo", 4),
+    ("PathPrefix", "/foo/", "/foo", 4),                # trailing "/" trimmed, length 4 not 5
+    ("PathPrefix", "/foo/", "/foo/bar/qux", 4),
+    ("PathPrefix", "/foo", "/foo/", 4),
+    ("PathPrefix", "/foo", "/foobar", None),           # whole segments only
+    ("RegularExpression", r"/foo/\d+", "/foo/4321", 9),  # a regex scores the whole path
+    ("RegularExpression", r"/foo/\d+", "/foo/4/bar", None),
+    ("RegularExpression", r"/foo/\d+", "/bar/foo/4", None),
+])
+def test_path_match_lengths(kind: str, value: str, path: str, expected: int | None) -> None:
+    ok, length = path_match_length({"path": {"type": kind, "value": value}}, path)
+    assert (length if ok else None) == expected
+
+
+def test_host_match_scores() -> None:
+    assert host_match("api.example.com", "API.example.com.") == (2, 15)
+    assert host_match("*.example.com", "api.example.com") == (1, 12)
+    assert host_match("*.example.com", "example.com") is None
+    assert host_match("api.example.com", "web.example.com") is None
+
+
+def _server(proto: str = "unknown") -> dict[str, Any]:
+    return {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server",
+            "metadata": {"name": "srv", "namespace": "ns"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "port": 80,
+                     "proxyProtocol": proto}}
+
+
+def _route(name: str, *matches: dict[str, Any], ts: str | None = None,
+           hostnames: list[str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "ns"}
+    if ts:
+        meta["creationTimestamp"] = ts
+    spec: dict[str, Any] = {"parentRefs": [{"group": "policy.linkerd.io", "kind": "Server",
+                                            "name": "srv"}],
+                            "rules": [{"matches": list(matches)}]}
+    if hostnames:
+        spec["hostnames"] = hostnames
+    return {"apiVersion": "policy.linkerd.io/v1beta3", "kind": "HTTPRoute", "metadata": meta,
+            "spec": spec}
+
+
+def _open(target_kind: str, target: str, group: str = "policy.linkerd.io"
+          ) -> list[dict[str, Any]]:
+    """An AuthorizationPolicy admitting any address to ``target``."""
+    name = f"open-{target}"
+    return [{"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "NetworkAuthentication",
+             "metadata": {"name": name, "namespace": "ns"},
+             "spec": {"networks": [{"cidr": "0.0.0.0/0"}]}},
+            {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": name, "namespace": "ns"},
+             "spec": {"targetRef": {"group": group, "kind": target_kind, "name": target},
+                      "requiredAuthenticationRefs": [{"group": "policy.linkerd.io",
+                                                      "kind": "NetworkAuthentication",
+                                                      "name": name}]}}]
+
+
+def _req(method: str = "GET", path: str = "/foo", host: str | None = None,
+         protocol: str = "http") -> LinkerdRequest:
+    return LinkerdRequest("ns", {"app": "a"}, 80, protocol=protocol, method=method, path=path,
+                          client_ip="10.0.0.1", host=host)
+
+
+def _prefix(value: str, **extra: Any) -> dict[str, Any]:
+    return {"path": {"type": "PathPrefix", "value": value}, **extra}
+
+
+def _exact(value: str, **extra: Any) -> dict[str, Any]:
+    return {"path": {"type": "Exact", "value": value}, **extra}
+
+
+def test_exact_and_prefix_of_equal_length_tie_and_the_route_order_decides() -> None:
+    # Exact /foo and PathPrefix /foo/ both score 4 for GET /foo: no "Exact first"; the older
+    # route wins, without timestamps the name decides.
+    docs = [_server(), _route("b-exact", _exact("/foo")), _route("a-prefix", _prefix("/foo/")),
+            *_open("HTTPRoute", "b-exact")]
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo"))
+    assert (d.route, d.verdict) == ("HTTPRoute ns/a-prefix", "deny")
+    docs[1]["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z"
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo"))
+    assert (d.route, d.verdict) == ("HTTPRoute ns/b-exact", "allow")
+
+
+def test_trimmed_prefix_length_not_the_written_one() -> None:
+    # PathPrefix /foo/ scores 4, like /foo: a method decides between them, not the "/".
+    docs = [_server(), _route("slash", _prefix("/foo/")),
+            _route("method", _prefix("/foo", method="GET")), *_open("HTTPRoute", "method")]
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/x"))
+    assert (d.route, d.verdict) == ("HTTPRoute ns/method", "allow")
+
+
+def test_regex_scores_the_whole_path() -> None:
+    docs = [_server(), _route("prefix", _prefix("/foo/")),
+            _route("regex", {"path": {"type": "RegularExpression", "value": r"/foo/\d+"}}),
+            *_open("HTTPRoute", "regex")]
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/12")).route == \
+        "HTTPRoute ns/regex"
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/x")).route == \
+        "HTTPRoute ns/prefix"
+
+
+def test_headers_outrank_a_method() -> None:
+    # (path length, headers, query, method): a header match beats a method match on the same
+    # path; the log has no headers, so which route is taken cannot be told.
+    docs = [_server(), _route("method", _prefix("/foo", method="GET")),
+            _route("header", _prefix("/foo", headers=[{"name": "x", "value": "1"}])),
+            *_open("HTTPRoute", "method")]
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo")).verdict == "unknown"
+    # ... but a longer path match wins outright whatever the headers say
+    docs.append(_route("longer", _prefix("/foo/bar")))
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/bar"))
+    assert (d.route, d.verdict) == ("HTTPRoute ns/longer", "deny")
+
+
+def test_host_match_comes_before_the_path() -> None:
+    docs = [_server(), _route("path", _prefix("/foo/bar")),
+            _route("host", _prefix("/"), hostnames=["*.example.com"]), *_open("HTTPRoute", "host")]
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/bar", host="api.example.com:80"))
+    assert (d.route, d.verdict) == ("HTTPRoute ns/host", "allow")
+    d = evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/bar", host="other.test"))
+    assert d.route == "HTTPRoute ns/path"
+    # no host in the evidence: the host route may or may not apply
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(path="/foo/bar")).verdict == "unknown"
+
+
+def test_methods_compare_as_written() -> None:
+    docs = [_server(), _route("get", _prefix("/", method="GET")), *_open("HTTPRoute", "get")]
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(method="GET")).allowed
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req(method="get")).verdict == "deny"
+
+
+def test_authorization_target_group_must_be_the_routes() -> None:
+    docs = [_server(), _route("r", _prefix("/")),
+            *_open("HTTPRoute", "r", group="gateway.networking.k8s.io")]
+    assert evaluate_linkerd(LinkerdPolicies(docs), _req()).verdict == "deny"
+
+
+def test_grpc_and_opaque_servers_take_no_httproutes() -> None:
+    # gRPC Servers only have GRPCRoutes (none here: the default route); opaque ones route
+    # nothing: Server-level authorizations decide either way.
+    for proto in ("gRPC", "opaque"):
+        docs = [_server(proto), _route("r", _prefix("/")), *_open("HTTPRoute", "r")]
+        d = evaluate_linkerd(LinkerdPolicies(docs), _req(protocol="grpc"))
+        assert (d.verdict, d.route) == ("deny", "default" if proto == "gRPC" else None)
+        docs += _open("Server", "srv")
+        assert evaluate_linkerd(LinkerdPolicies(docs), _req(protocol="grpc")).allowed

@@ -324,6 +324,40 @@ def test_precedence_tie_between_exact_and_prefix_allows_both_clients() -> None:
     assert _allowed(plan.manifests, "web-8080", b, "10.0.0.2", "GET", "/x/1")
 
 
+@pytest.mark.parametrize(("exact_client", "prefix_client"), [("a", "b"), ("z", "a")])
+def test_precedence_tie_whichever_route_sorts_first(exact_client: str,
+                                                    prefix_client: str) -> None:
+    # Exact /x GET and PathPrefix /x/ GET both score (2 characters, method) for GET /x: the
+    # proxy takes the route that sorts first (by name here), so both must allow both clients,
+    # whichever client's route that is.
+    nodes = [_node("shop", "web", "web"), _node("shop", exact_client, exact_client),
+             _node("shop", prefix_client, prefix_client)]
+    g = _graph(nodes, [_e(f"shop/{exact_client}", "shop/web", 8080, "http", ("GET", "/x")),
+                       _e(f"shop/{prefix_client}", "shop/web", 8080, "http", ("GET", "/x/*"))])
+    ms = plan_linkerd(g, _web_facts(["/healthz"])).manifests
+    ex = linkerd_identity("shop", exact_client, TD)
+    pre = linkerd_identity("shop", prefix_client, TD)
+    assert _allowed(ms, "web-8080", ex, "10.0.0.1", "GET", "/x")
+    assert _allowed(ms, "web-8080", pre, "10.0.0.2", "GET", "/x/1")
+    # (the price of the tie: the exact client is allowed under /x/ as well - documented)
+    assert _allowed(ms, "web-8080", pre, "10.0.0.2", "GET", "/x")
+
+
+def test_a_method_match_does_not_tie_with_the_catch_all() -> None:
+    # c is allowed the whole port (no method/path recorded): a catch-all route exists. d's
+    # prefix /api* widens to PathPrefix / with GET: for GET it outranks the catch-all (a
+    # method given), for anything else only the catch-all matches - whose authorization is
+    # the Server's (c only). Merging them as a tie would let d PATCH anything.
+    nodes = [_node("shop", "web", "web"), _node("shop", "c", "c"), _node("shop", "d", "d")]
+    g = _graph(nodes, [_e("shop/c", "shop/web", 8080, "http"),
+                       _e("shop/d", "shop/web", 8080, "http", ("GET", "/api*"))])
+    ms = plan_linkerd(g, _web_facts([])).manifests
+    c, d = linkerd_identity("shop", "c", TD), linkerd_identity("shop", "d", TD)
+    assert _allowed(ms, "web-8080", d, "10.0.0.4", "GET", "/anything")
+    assert not _allowed(ms, "web-8080", d, "10.0.0.4", "PATCH", "/anything")
+    assert _allowed(ms, "web-8080", c, "10.0.0.3", "PATCH", "/anything")
+
+
 def test_grpc_ports_routes_need_http2_and_unitemized_stays_grpc() -> None:
     nodes = [_node("shop", "cart", "cart"), _node("shop", "web", "web")]
     method = "/hipstershop.CartService/GetCart"
