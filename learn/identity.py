@@ -999,3 +999,30 @@ def linkerd_identity(node: Node, *, control_plane: str = "linkerd",
         return None
     return identity_name(node.service_account, node.namespace, control_plane=control_plane,
                          trust_domain=trust_domain)
+
+
+def reporters_from_pod_uids(batch: pa.RecordBatch, inventory: Inventory) -> pa.RecordBatch:
+    """``batch`` with ``reporter`` set from ``pod_uid`` where the evidence named its own pod.
+
+    eBPF records carry the pod UID of the local process's cgroup (``pod_uid``): that pod *is*
+    the reporting side (``direction`` says which), whatever its address - a host-network pod
+    or a reused IP cannot mislead it. Setting ``reporter`` to the pod's ``'<ns>/<pod>'`` makes
+    :meth:`IdentityResolver.resolve` (rule 1) and :meth:`IdentityResolver.learn_leases` treat
+    it exactly like a proxy's own records. A reporter already set is kept; UIDs the inventory
+    does not hold (static pods' config hashes, pods gone before the dump) leave it null.
+    Call it on each batch before ``learn_leases`` and ``resolve``.
+    """
+    names = batch.schema.names
+    if "pod_uid" not in names or batch.num_rows == 0 or batch.column("pod_uid").null_count == (
+            batch.num_rows):
+        return batch
+    by_uid = {pod.uid: pod.key for pod in inventory.pods if pod.uid}
+    uids = pa.array(sorted(by_uid), type=pa.string())
+    keys = pa.array([by_uid[u] for u in uids.to_pylist()], type=pa.string())
+    found = pc.take(keys, pc.index_in(batch.column("pod_uid"), value_set=uids))
+    if "reporter" in names:
+        current = batch.column("reporter")
+        reporter = pc.if_else(pc.is_valid(current), current, found)
+        return batch.set_column(names.index("reporter"), batch.schema.field("reporter"),
+                                reporter)
+    return batch.append_column(pa.field("reporter", pa.string()), found)

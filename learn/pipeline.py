@@ -17,13 +17,13 @@ import pyarrow.compute as pc
 
 from learn import paths
 from learn.graph import GraphBuilder
-from learn.identity import IdentityResolver
+from learn.identity import IdentityResolver, reporters_from_pod_uids
 from learn.model import Graph
 from observe.flows_io import FlowWriter, read_flows
 from observe.inventory import Inventory
 from observe.schema import without_learned
 
-_LEASE_COLUMNS = ["time", "direction", "reporter", "src_ip", "dst_ip"]
+_LEASE_COLUMNS = ["time", "direction", "reporter", "src_ip", "dst_ip", "pod_uid"]
 
 
 @dataclass
@@ -48,6 +48,8 @@ def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "clust
     total = 0
     for batch in read_flows(flows, columns=_LEASE_COLUMNS):
         total += batch.num_rows
+        # eBPF records name their own pod by UID: that pod is their reporter.
+        batch = reporters_from_pod_uids(batch, inventory)
         resolver.learn_leases(batch)
         inbound = batch.filter(pc.fill_null(pc.equal(batch["direction"], "inbound"), False))
         inbound_reporters.update(r for r in pc.unique(inbound["reporter"]).to_pylist() if r)
@@ -60,7 +62,8 @@ def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "clust
         writer = stack.enter_context(FlowWriter(resolved_out)) if resolved_out else None
         for batch in read_flows(flows):
             # Identities are learned afresh: the inventory may differ from the last run's.
-            resolved = resolver.resolve(without_learned(batch))
+            resolved = resolver.resolve(without_learned(reporters_from_pod_uids(batch,
+                                                                                inventory)))
             builder.add(resolved)
             if writer is not None:
                 writer.write(resolved)

@@ -47,6 +47,8 @@ examples:
   meshwright observe app.log --envoy-format '[%START_TIME%] %REQ(:METHOD)% ...' -o flows.parquet
   meshwright observe --iface any --bpf 'tcp or udp port 53' --duration 600 -o flows.parquet
       live capture (root or CAP_NET_RAW); Ctrl-C or SIGTERM stops it and keeps what was seen
+  meshwright observe --ebpf --duration 300 -o node-flows.parquet
+      eBPF connection tracing (bpftrace); Ctrl-C or SIGTERM stops it, open connections kept
 
 Later: meshwright analyze flows.parquet --inventory cluster.json -o out/
 """
@@ -220,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     observe.add_argument(
         "-o", "--output", required=True, metavar="FLOWS", help="Parquet file to write"
     )
+    ebpf = observe.add_argument_group("eBPF connection tracing on this node (instead of INPUT "
+                                      "files; with --duration)")
+    ebpf.add_argument("--ebpf", action="store_true",
+                      help="trace every TCP connection of this machine with bpftrace "
+                      "(root or CAP_BPF+CAP_PERFMON); records carry pid, command, container "
+                      "and pod UID")
     live = observe.add_argument_group("live capture (instead of INPUT files)")
     live.add_argument("--iface", metavar="IFACE",
                       help="capture on this network interface, or 'any' (all of them)")

@@ -103,6 +103,14 @@ def observe(args: argparse.Namespace) -> int:
     if target.is_dir():
         raise UsageError(f"{target} is a directory; -o names the Parquet file to write",
                          hint="e.g. -o flows.parquet")
+    if args.ebpf:
+        if args.inputs or args.iface is not None:
+            raise UsageError("--ebpf traces this machine: give no INPUT files and no --iface",
+                             hint="meshwright observe --ebpf --duration 300 -o flows.parquet")
+        extra = [f"--{n}" for n in ("bpf", "count", "save") if getattr(args, n) is not None]
+        if extra:
+            raise UsageError(f"{', '.join(extra)} apply to --iface, not --ebpf")
+        return _observe_ebpf(args, target)
     live_only = ("bpf", "duration", "count", "save")
     if args.iface is None:
         given = [f"--{name}" for name in live_only if getattr(args, name) is not None]
@@ -123,6 +131,41 @@ def observe(args: argparse.Namespace) -> int:
     _report_observe(args, stats)
     _say(args, f"meshwright: wrote {target}")
     return EXIT_OK if stats.records else EXIT_NO_FLOWS
+
+
+def _observe_ebpf(args: argparse.Namespace, target: Path) -> int:
+    import threading
+
+    from observe.ebpf import TraceStats, trace_connections
+    from observe.live import stop_on_signals
+
+    stop = threading.Event()
+    stats = TraceStats()
+    ready = threading.Event()
+
+    def announce() -> None:  # once the probes are attached: from then on nothing is missed
+        if ready.wait() and not stop.is_set():
+            _say(args, "meshwright: tracing TCP connections; Ctrl-C or SIGTERM stops")
+
+    threading.Thread(target=announce, daemon=True, name="meshwright-announce").start()
+    with stop_on_signals(stop):
+        batches = trace_connections(
+            duration_s=args.duration, stop=stop, stats=stats, ready=ready,
+            cgroup_root=os.environ.get("MESHWRIGHT_CGROUP_ROOT") or None,
+        )
+        with FlowWriter(target) as writer:
+            for batch in batches:
+                writer.write(batch)
+    for note in stats.notes:
+        _say(args, f"meshwright: note: {note}")
+    _say(args, f"meshwright: traced {stats.connections:,} connections ({stats.refused:,} "
+               f"refused, {stats.no_answer:,} unanswered, {stats.open_at_stop:,} still open, "
+               f"{stats.midstream:,} begun before tracing); {stats.attributed:,} placed in a "
+               f"container" + (f"; {stats.lost:,} events LOST (kernel buffer full)"
+                               if stats.lost else "")
+               + (f"; {stats.malformed:,} malformed tracer lines" if stats.malformed else ""))
+    _say(args, f"meshwright: wrote {target}")
+    return EXIT_OK if stats.connections else EXIT_NO_FLOWS
 
 
 def _observe_live(args: argparse.Namespace, target: Path) -> int:

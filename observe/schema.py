@@ -31,7 +31,8 @@ DIRECTIONS = ("inbound", "outbound", "unknown")
 #: Schema version written into Parquet metadata; bump on incompatible change.
 SCHEMA_VERSION = "2"
 #: Fields added by each version after "1": older files lack them and read them as null.
-ADDED_IN = {"2": ("kind", "packets_in", "packets_out", "tcp_state", "tcp_end", "itemized")}
+ADDED_IN = {"2": ("kind", "packets_in", "packets_out", "tcp_state", "tcp_end", "itemized",
+                  "pid", "comm", "container_id", "pod_uid")}
 #: Versions this one reads.
 READABLE_VERSIONS = ("1", *ADDED_IN)
 
@@ -121,6 +122,20 @@ FIELDS: tuple[Field, ...] = (
         "itemized", pa.bool_(),
         "Connections: True when every request it carried has its own record (the payload was "
         "seen whole); False when requests may be missing.",
+    ),
+    Field(
+        "pid", pa.int64(),
+        "Process id on the reporting side (eBPF: the client's connect(), the server's accept()).",
+    ),
+    Field("comm", pa.string(), "Command name of that process (the kernel's 16-byte comm)."),
+    Field(
+        "container_id", pa.string(),
+        "Container of that process, from its cgroup (runtime id, 64 hex digits).",
+    ),
+    Field(
+        "pod_uid", pa.string(),
+        "Pod UID of that process, from its cgroup: learn takes the pod with this UID as the "
+        "reporting side, whatever its address.",
     ),
 )
 

@@ -1377,11 +1377,11 @@ Ports are the workloads' ports (targetPort); principals are `cluster.local/ns/<n
 
 ## Packet capture
 
-`samples/bookinfo-capture/nodes.pcap.gz` is what `tcpdump -i any -s {snaplen} -w nodes.pcap` on both nodes
-records for the traffic above over the whole window (gzip-compressed; meshwright and tshark
-read it as is): classic pcap, link type 276 (`LINUX_SLL2`, libpcap's `any` device), snapshot
-length {snaplen} (headers and the first bytes of every segment; IP lengths keep the real
-sizes). Analyse it alone with the inventory:
+`samples/bookinfo-capture/nodes.pcap.gz` is what `tcpdump -i any -s {snaplen} -w nodes.pcap`
+on both nodes records for the traffic above over the whole window (gzip-compressed; meshwright
+and tshark read it as is): classic pcap, link type 276 (`LINUX_SLL2`, libpcap's `any`
+device), snapshot length {snaplen} (headers and the first bytes of every segment; IP
+lengths keep the real sizes). Analyse it alone with the inventory:
 
     meshwright analyze samples/bookinfo-capture --inventory samples/bookinfo/inventory.json -o out/
 

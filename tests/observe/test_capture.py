@@ -17,8 +17,8 @@ from observe.pipeline import ObserveOptions, ObserveStats, iter_flows, plan_inpu
 from observe.schema import FLOW_SCHEMA
 
 PCAP = Path(__file__).parents[1] / "data" / "pcap"
-HTTP_CAPTURES = ["zeek-http-pipelined.pcap", "zeek-http-get.pcap", "tcpdump-print-flags-http11.pcap",
-                 "zeek-http-post.pcap", "deepflow-httpv1.pcap"]
+HTTP_CAPTURES = ["zeek-http-pipelined.pcap", "zeek-http-get.pcap",
+                 "tcpdump-print-flags-http11.pcap", "zeek-http-post.pcap", "deepflow-httpv1.pcap"]
 
 
 def records(name: str, tracker: ConnectionTracker | None = None) -> pa.Table:

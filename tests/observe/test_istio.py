@@ -56,7 +56,8 @@ def test_sleep_to_httpbin_both_sides() -> None:
         "src_workload": None, "dst_workload": None, "src_principal": None,
         "dst_principal": None, "src_pod": None, "dst_pod": None, "source": "istio-text",
         "kind": "request", "packets_in": None, "packets_out": None, "tcp_state": None,
-        "tcp_end": None, "itemized": None,
+        "tcp_end": None, "itemized": None, "pid": None, "comm": None, "container_id": None,
+        "pod_uid": None,
     }
     assert out == {
         **common, "duration_ms": 4, "dialed_ip": "10.0.45.184", "dialed_port": 8000,
