@@ -91,6 +91,12 @@ def _report_observe(args: argparse.Namespace, stats: ObserveStats) -> None:
         )
         for reason, count in sorted(stats.packets_skipped.items()):
             _say(args, f"  not decoded: {count:,} x {reason}")
+        if stats.duplicate_copies:
+            _say(args, f"  {stats.duplicate_copies:,} packets were copies of one seen on another "
+                       "interface (tcpdump -i any) and were counted once")
+        if stats.duplicate_connections:
+            _say(args, f"  {stats.duplicate_connections:,} connections were already in another "
+                       "capture (both ends captured) and were counted once")
         if stats.not_itemized:
             _say(args, f"  {stats.not_itemized:,} connections carried more requests than their "
                        "first bytes show: their edges get port-level rules only")

@@ -4,8 +4,9 @@
  *
  * Each function does exactly what a numpy path in those modules does (the tests run both and
  * compare): walking pcap record headers and pcapng blocks (the only sequential parts of a
- * read), decoding every record's link/IP/transport headers with overlays, and gathering
- * payload bytes. Buffers come in through the buffer protocol (numpy arrays, bytes); results go
+ * read), decoding every record's link/IP/transport headers with overlays, gathering payload
+ * bytes, and telling other interfaces' copies of a packet (pcap.CopyFilter) by a packet
+ * identity hash and hash tables. Buffers come in through the buffer protocol (numpy arrays, bytes); results go
  * back as bytearrays that Python views with numpy.frombuffer. Loops run without the GIL.
  *
  * Every read of the capture buffer is bounds checked against the buffer's length (bytes past
@@ -250,6 +251,7 @@ static int link_layer(const Cap *c, int64_t start, int64_t end, int64_t lt, int6
 
 typedef struct {
     int64_t ver, proto, l4, l4_len, frag, why; /* why: 0 ok, 3 malformed, 4 later fragment */
+    int64_t ipid; /* IPv4 identification (0 for IPv6) */
     uint64_t src_hi, src_lo, dst_hi, dst_lo;
 } IpInfo;
 
@@ -262,6 +264,7 @@ static void ip_layer(const Cap *c, int64_t o, int64_t e, int64_t et, IpInfo *r) 
         if (tot == 0) tot = e - o;
         bad |= tot < ihl;
         r->ver = 4;
+        r->ipid = u16(c, o + 4);
         r->proto = u8(c, o + 9);
         r->src_lo = (uint64_t)u32(c, o + 12) | 0xFFFF00000000ULL;
         r->dst_lo = (uint64_t)u32(c, o + 16) | 0xFFFF00000000ULL;
@@ -342,12 +345,13 @@ static void transport(const Cap *c, int64_t o, int64_t l4_len, int64_t e, int64_
 
 enum {
     C_IDX, C_VER, C_SRC_HI, C_SRC_LO, C_DST_HI, C_DST_LO, C_PROTO, C_SPORT, C_DPORT, C_FLAGS,
-    C_SEQ, C_ACK, C_WIN, C_PLEN, C_POFF, C_PCAP, C_TUNNEL, C_FRAG, C_TS, C_CAP, C_WIRE, NCOLS
+    C_SEQ, C_ACK, C_WIN, C_PLEN, C_POFF, C_PCAP, C_TUNNEL, C_FRAG, C_IPID, C_IFINDEX, C_TS, C_CAP,
+    C_WIRE, NCOLS
 };
 /* decode() returns the first NDEC columns, pcap_decode() all NCOLS. */
 #define NDEC C_TS
 static const Py_ssize_t col_size[NCOLS] = {8, 1, 8, 8, 8, 8, 1, 2, 2, 2, 8, 8, 2, 8, 8, 8, 1, 1,
-                                           8, 8, 8};
+                                           2, 4, 8, 8, 8};
 
 /* pcap._decode for one record buf[start:e] of link type lt: the reason (0 ok, 1 link type,
  * 2 non-IP, 3 malformed, 4 later fragment) and, when ok, row m of the columns. */
@@ -424,6 +428,9 @@ static int decode_record(const Cap *cp, int64_t start, int64_t e, int64_t lt, vo
     ((int64_t *)col[C_PCAP])[m] = pc;
     ((int8_t *)col[C_TUNNEL])[m] = (int8_t)tunnel;
     ((int8_t *)col[C_FRAG])[m] = (int8_t)ip.frag;
+    ((uint16_t *)col[C_IPID])[m] = (uint16_t)ip.ipid;
+    /* SLL2: the interface index (bytes 4-7 of its header) says which interface saw it. */
+    ((uint32_t *)col[C_IFINDEX])[m] = lt == 276 ? (uint32_t)u32(cp, start + 4) : 0;
     return 0;
 }
 
@@ -446,7 +453,8 @@ static PyObject *finish_cols(PyObject **cols, int ncols, Py_ssize_t m) {
  * linktypes[i]: reason[i] (int8: 0 ok, 1 link type, 2 non-IP, 3 malformed, 4 later fragment)
  * and, for the ok records only, in record order, the columns (idx int64 = record index, ver
  * int8, src_hi/src_lo/dst_hi/dst_lo uint64, proto uint8, sport/dport/flags uint16, seq/ack
- * int64, window uint16, payload_len/payload_off/payload_cap int64, tunnel int8, frag int8). */
+ * int64, window uint16, payload_len/payload_off/payload_cap int64, tunnel int8, frag int8,
+ * ip_id uint16, ifindex uint32). */
 static PyObject *decode(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *buf_o, *st_o, *cap_o, *lt_o;
@@ -669,6 +677,329 @@ done:
     return res;
 }
 
+/* --- duplicate copies ---------------------------------------------------------------------- */
+
+/* The identity hash of a packet (pcap.copy_keys): 64-bit words of its headers, then its
+ * first 16 captured payload bytes (little-endian, zero past the captured length), mixed. */
+#define K_SEED 0x9E3779B97F4A7C15ULL
+#define K_MUL 0xFF51AFD7ED558CCDULL
+#define K_FIN 0xC4CEB9FE1A85EC53ULL
+
+static inline uint64_t kmix(uint64_t h, uint64_t w) {
+    h ^= w;
+    h *= K_MUL;
+    return h ^ (h >> 32);
+}
+
+static inline uint64_t kfinal(uint64_t h) {
+    h ^= h >> 33;
+    h *= K_FIN;
+    return h ^ (h >> 33);
+}
+
+/* hash_keys(buf, columns) -> bytearray of uint64: the identity hash of every row of a
+ * PacketBatch, from its columns (a tuple in this order and these types: src_hi, src_lo,
+ * dst_hi, dst_lo uint64; proto uint8; sport, dport, tcp_flags uint16; seq, ack int64; window,
+ * ip_id uint16; payload_len, payload_off, payload_cap int64). The seven words
+ *   src_hi, src_lo, dst_hi, dst_lo,
+ *   proto | sport << 8 | dport << 24 | flags << 40,  seq | ack << 32,
+ *   window | ip_id << 16 | payload_len << 32
+ * then buf[payload_off: payload_off + min(payload_cap, 16)] (two little-endian words, zero
+ * filled) are mixed into one hash. */
+#define K_NCOLS 15
+static const Py_ssize_t k_size[K_NCOLS] = {8, 8, 8, 8, 1, 2, 2, 2, 8, 8, 2, 2, 8, 8, 8};
+
+static PyObject *hash_keys(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *buf_o, *cols_o;
+    if (!PyArg_ParseTuple(args, "OO!", &buf_o, &PyTuple_Type, &cols_o)) return NULL;
+    if (PyTuple_GET_SIZE(cols_o) != K_NCOLS) {
+        PyErr_SetString(PyExc_ValueError, "hash_keys: 15 columns expected");
+        return NULL;
+    }
+    Buf buf = {0}, cb[K_NCOLS];
+    memset(cb, 0, sizeof(cb));
+    PyObject *res = NULL;
+    Py_ssize_t n = -1;
+    if (get_buf(buf_o, &buf, 1, "buf") < 0) goto done;
+    for (int k = 0; k < K_NCOLS; k++) {
+        if (get_buf(PyTuple_GET_ITEM(cols_o, k), &cb[k], k_size[k], "column") < 0) goto done;
+        Py_ssize_t m = cb[k].view.len / k_size[k];
+        if (cb[k].view.itemsize != k_size[k] || (n >= 0 && m != n)) {
+            PyErr_SetString(PyExc_ValueError, "hash_keys: column of another type or length");
+            goto done;
+        }
+        n = m;
+    }
+    uint64_t *out;
+    if (!(res = new_array(n, 8, (void **)&out))) goto done;
+    const uint64_t *sh = cb[0].view.buf, *sl = cb[1].view.buf, *dh = cb[2].view.buf,
+                   *dl = cb[3].view.buf;
+    const uint8_t *proto = cb[4].view.buf;
+    const uint16_t *sp = cb[5].view.buf, *dp = cb[6].view.buf, *fl = cb[7].view.buf,
+                   *win = cb[10].view.buf, *ipid = cb[11].view.buf;
+    const int64_t *seq = cb[8].view.buf, *ack = cb[9].view.buf, *plen = cb[12].view.buf,
+                  *offs = cb[13].view.buf, *caps = cb[14].view.buf;
+    Cap cp = {buf.view.buf, (int64_t)buf.view.len};
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = K_SEED;
+        h = kmix(h, sh[i]);
+        h = kmix(h, sl[i]);
+        h = kmix(h, dh[i]);
+        h = kmix(h, dl[i]);
+        h = kmix(h, (uint64_t)proto[i] | ((uint64_t)sp[i] << 8) | ((uint64_t)dp[i] << 24) |
+                        ((uint64_t)fl[i] << 40));
+        h = kmix(h, (uint64_t)seq[i] | ((uint64_t)ack[i] << 32));
+        h = kmix(h, (uint64_t)win[i] | ((uint64_t)ipid[i] << 16) | ((uint64_t)plen[i] << 32));
+        int64_t k = caps[i] < 16 ? caps[i] : 16;
+        uint64_t p[2] = {0, 0};
+        int64_t o = offs[i];
+        if (k == 16 && o >= 0 && o + 16 <= cp.len) {
+            for (int j = 0; j < 16; j++) p[j >> 3] |= (uint64_t)cp.b[o + j] << (8 * (j & 7));
+        } else {
+            for (int64_t j = 0; j < k; j++) p[j >> 3] |= (uint64_t)u8(&cp, o + j) << (8 * (j & 7));
+        }
+        h = kmix(h, p[0]);
+        h = kmix(h, p[1]);
+        out[i] = kfinal(h);
+    }
+    Py_END_ALLOW_THREADS
+done:
+    rel_buf(&buf);
+    for (int k = 0; k < K_NCOLS; k++) rel_buf(&cb[k]);
+    return res;
+}
+
+/* Open-addressing hash tables of pcap.CopyFilter's state: per key (its run: generation, time
+ * of its last row, transmissions counted, and the first interface of the run with its
+ * occurrence number inline, so a key seen on one interface never touches the second table)
+ * and per (key, other interface) (occurrence number of its last row in the run). The tables
+ * live in a scratch buffer the filter keeps between calls: a slot belongs to this call when
+ * its epoch is this call's, so nothing is cleared between calls. */
+typedef struct {
+    uint64_t key;
+    int64_t last;
+    uint64_t ident0;
+    int32_t ntx, occ0, gen;
+    uint32_t epoch;
+} KEnt;
+
+typedef struct {
+    uint64_t key, ident;
+    int32_t occ, gen;
+    uint32_t epoch, pad;
+} IEnt;
+
+static inline int64_t wrap_sub(int64_t a, int64_t b) {
+    return (int64_t)((uint64_t)a - (uint64_t)b);
+}
+
+static KEnt *k_slot(KEnt *t, uint64_t mask, uint64_t key, uint32_t epoch) {
+    uint64_t i = key & mask;
+    while (t[i].epoch == epoch && t[i].key != key) i = (i + 1) & mask;
+    return &t[i];
+}
+
+static IEnt *i_slot(IEnt *t, uint64_t mask, uint64_t key, uint64_t ident, uint32_t epoch) {
+    uint64_t i = kfinal(key ^ (ident * K_MUL)) & mask;
+    while (t[i].epoch == epoch && (t[i].key != key || t[i].ident != ident)) i = (i + 1) & mask;
+    return &t[i];
+}
+
+/* mark_copies(keys, idents, ts, window, clock, ck, clast, cntx, cik, cif, cocc, scratch,
+ *             kcap, icap, epoch) -> (mask, clock, ck, clast, cntx, cik, cif, cocc)
+ *
+ * pcap.CopyFilter's rule, row by row in order: a row continues the run of its key when the
+ * key's previous row is at most window older than the clock (the largest timestamp so far,
+ * this row's included), else it starts a new run; its occurrence number is the count of
+ * earlier rows of the run on its interface; it is a copy (mask 1) when a row of the run on
+ * another interface already had that occurrence number. The state in and out: the clock,
+ * per key of a live run (ck, clast, cntx: its last row's time, transmissions counted) and
+ * per (key, interface) of those runs (cik, cif, cocc: occurrence number of the last row);
+ * runs whose last row is more than window older than the clock are forgotten. Out in no
+ * particular order (the caller sorts). scratch holds kcap KEnt then icap IEnt (powers of two,
+ * at least twice the keys and rows of the call); epoch differs from every earlier call's on
+ * this scratch (0 never). */
+static PyObject *mark_copies(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *k_o, *id_o, *ts_o, *ck_o, *cl_o, *cn_o, *cik_o, *cif_o, *co_o, *sc_o;
+    long long window, clock0, kcap, icap;
+    unsigned int epoch;
+    if (!PyArg_ParseTuple(args, "OOOLLOOOOOOOLLI", &k_o, &id_o, &ts_o, &window, &clock0, &ck_o,
+                          &cl_o, &cn_o, &cik_o, &cif_o, &co_o, &sc_o, &kcap, &icap, &epoch))
+        return NULL;
+    Buf kb = {0}, ib = {0}, tb = {0}, ckb = {0}, clb = {0}, cnb = {0}, cikb = {0}, cifb = {0},
+        cob = {0}, scb = {0};
+    PyObject *res = NULL, *mask_o = NULL, *out[6] = {0};
+    int32_t *ktouch = NULL, *itouch = NULL;
+    if (get_buf(k_o, &kb, 8, "keys") < 0 || get_buf(id_o, &ib, 8, "idents") < 0 ||
+        get_buf(ts_o, &tb, 8, "ts") < 0 || get_buf(ck_o, &ckb, 8, "ck") < 0 ||
+        get_buf(cl_o, &clb, 8, "clast") < 0 || get_buf(cn_o, &cnb, 8, "cntx") < 0 ||
+        get_buf(cik_o, &cikb, 8, "cik") < 0 || get_buf(cif_o, &cifb, 8, "cif") < 0 ||
+        get_buf(co_o, &cob, 8, "cocc") < 0)
+        goto done;
+    if (PyObject_GetBuffer(sc_o, &scb.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+    scb.held = 1;
+    Py_ssize_t n = kb.view.len / 8, mk = ckb.view.len / 8, mi = cikb.view.len / 8;
+    if (ib.view.len / 8 != n || tb.view.len / 8 != n || clb.view.len / 8 != mk ||
+        cnb.view.len / 8 != mk || cifb.view.len / 8 != mi || cob.view.len / 8 != mi) {
+        PyErr_SetString(PyExc_ValueError, "mark_copies: arrays differ in length");
+        goto done;
+    }
+    if (kcap < 2 * (mk + n) || icap < 2 * (mi + n) || (kcap & (kcap - 1)) ||
+        (icap & (icap - 1)) || epoch == 0 ||
+        scb.view.len < (Py_ssize_t)(kcap * sizeof(KEnt) + icap * sizeof(IEnt))) {
+        PyErr_SetString(PyExc_ValueError, "mark_copies: scratch too small or bad epoch");
+        goto done;
+    }
+    KEnt *kt = scb.view.buf;
+    IEnt *it = (IEnt *)((char *)scb.view.buf + kcap * sizeof(KEnt));
+    uint64_t kmask = (uint64_t)kcap - 1, imask = (uint64_t)icap - 1;
+    ktouch = PyMem_RawMalloc((size_t)(mk + n + 1) * sizeof(int32_t));
+    itouch = PyMem_RawMalloc((size_t)(mi + n + 1) * sizeof(int32_t));
+    if (ktouch == NULL || itouch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint8_t *mask;
+    if (!(mask_o = new_array(n, 1, (void **)&mask))) goto done;
+    const uint64_t *keys = kb.view.buf, *ids = ib.view.buf, *ck = ckb.view.buf,
+                   *cik = cikb.view.buf, *cif = cifb.view.buf;
+    const int64_t *ts = tb.view.buf, *clast = clb.view.buf, *cntx = cnb.view.buf,
+                  *cocc = cob.view.buf;
+    int64_t clk = clock0;
+    int32_t gen = 0;
+    Py_ssize_t nkt = 0, nit = 0, nk = 0, ni = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < mk; j++) {
+        KEnt *e = k_slot(kt, kmask, ck[j], epoch);
+        if (e->epoch != epoch) ktouch[nkt++] = (int32_t)(e - kt);
+        e->key = ck[j];
+        e->epoch = epoch;
+        e->last = clast[j];
+        e->ntx = (int32_t)cntx[j];
+        e->gen = ++gen;
+        e->occ0 = -1;
+    }
+    for (Py_ssize_t j = 0; j < mi; j++) {
+        KEnt *e = k_slot(kt, kmask, cik[j], epoch);
+        if (e->epoch != epoch) continue;
+        if (e->occ0 < 0) {
+            e->ident0 = cif[j];
+            e->occ0 = (int32_t)cocc[j];
+            continue;
+        }
+        IEnt *x = i_slot(it, imask, cik[j], cif[j], epoch);
+        if (x->epoch != epoch) itouch[nit++] = (int32_t)(x - it);
+        x->epoch = epoch;
+        x->key = cik[j];
+        x->ident = cif[j];
+        x->occ = (int32_t)cocc[j];
+        x->gen = e->gen;
+    }
+    for (Py_ssize_t r = 0; r < n; r++) {
+        if (ts[r] > clk) clk = ts[r];
+        uint64_t key = keys[r], ident = ids[r];
+        KEnt *e = k_slot(kt, kmask, key, epoch);
+        int fresh = e->epoch != epoch;
+        if (fresh || e->occ0 < 0 || wrap_sub(clk, e->last) > window) {
+            if (fresh) ktouch[nkt++] = (int32_t)(e - kt);
+            e->key = key;
+            e->epoch = epoch;
+            e->gen = ++gen;
+            e->last = ts[r];
+            e->ident0 = ident;
+            e->occ0 = 0;
+            e->ntx = 1;
+            mask[r] = 0;
+            continue;
+        }
+        e->last = ts[r];
+        int32_t occ;
+        if (ident == e->ident0) {
+            occ = ++e->occ0;
+        } else {
+            IEnt *x = i_slot(it, imask, key, ident, epoch);
+            if (x->epoch != epoch) {
+                itouch[nit++] = (int32_t)(x - it);
+                x->epoch = epoch;
+                x->key = key;
+                x->ident = ident;
+                x->gen = 0;
+            }
+            occ = x->gen == e->gen ? x->occ + 1 : 0;
+            x->occ = occ;
+            x->gen = e->gen;
+        }
+        if (occ < e->ntx) {
+            mask[r] = 1;
+        } else {
+            mask[r] = 0;
+            e->ntx = occ + 1;
+        }
+    }
+    for (Py_ssize_t j = 0; j < nkt; j++) {
+        KEnt *e = &kt[ktouch[j]];
+        if (e->occ0 >= 0 && wrap_sub(clk, e->last) <= window) nk++;
+    }
+    for (Py_ssize_t j = 0; j < nit; j++) {
+        IEnt *x = &it[itouch[j]];
+        KEnt *e = k_slot(kt, kmask, x->key, epoch);
+        if (e->gen == x->gen && e->occ0 >= 0 && wrap_sub(clk, e->last) <= window) ni++;
+    }
+    Py_END_ALLOW_THREADS
+    uint64_t *o_ck, *o_cik, *o_cif;
+    int64_t *o_cl, *o_cn, *o_co;
+    if (!(out[0] = new_array(nk, 8, (void **)&o_ck)) ||
+        !(out[1] = new_array(nk, 8, (void **)&o_cl)) ||
+        !(out[2] = new_array(nk, 8, (void **)&o_cn)) ||
+        !(out[3] = new_array(nk + ni, 8, (void **)&o_cik)) ||
+        !(out[4] = new_array(nk + ni, 8, (void **)&o_cif)) ||
+        !(out[5] = new_array(nk + ni, 8, (void **)&o_co)))
+        goto done;
+    Py_ssize_t a = 0;
+    for (Py_ssize_t j = 0; j < nkt; j++) {
+        KEnt *e = &kt[ktouch[j]];
+        if (e->occ0 < 0 || wrap_sub(clk, e->last) > window) continue;
+        o_ck[a] = e->key;
+        o_cl[a] = e->last;
+        o_cn[a] = e->ntx;
+        o_cik[a] = e->key;
+        o_cif[a] = e->ident0;
+        o_co[a] = e->occ0;
+        a++;
+    }
+    for (Py_ssize_t j = 0; j < nit; j++) {
+        IEnt *x = &it[itouch[j]];
+        KEnt *e = k_slot(kt, kmask, x->key, epoch);
+        if (e->gen == x->gen && e->occ0 >= 0 && wrap_sub(clk, e->last) <= window) {
+            o_cik[a] = x->key;
+            o_cif[a] = x->ident;
+            o_co[a] = x->occ;
+            a++;
+        }
+    }
+    res = Py_BuildValue("(OLOOOOOO)", mask_o, (long long)clk, out[0], out[1], out[2], out[3],
+                        out[4], out[5]);
+done:
+    Py_XDECREF(mask_o);
+    for (int k = 0; k < 6; k++) Py_XDECREF(out[k]);
+    PyMem_RawFree(ktouch);
+    PyMem_RawFree(itouch);
+    rel_buf(&kb);
+    rel_buf(&ib);
+    rel_buf(&tb);
+    rel_buf(&ckb);
+    rel_buf(&clb);
+    rel_buf(&cnb);
+    rel_buf(&cikb);
+    rel_buf(&cifb);
+    rel_buf(&cob);
+    rel_buf(&scb);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"ng_walk", ng_walk, METH_VARARGS, "ng_walk(buf, pos, n, big) -> (offsets, kinds, end)"},
     {"decode", decode, METH_VARARGS, "decode(buf, starts, caps, linktypes) -> (reason, columns)"},
@@ -677,6 +1008,10 @@ static PyMethodDef methods[] = {
     {"gather", gather, METH_VARARGS, "gather(buf, offsets, lengths) -> bytes"},
     {"starts_with", starts_with, METH_VARARGS,
      "starts_with(buf, offsets, lengths, tokens) -> bytearray mask"},
+    {"hash_keys", hash_keys, METH_VARARGS, "hash_keys(buf, columns) -> bytearray"},
+    {"mark_copies", mark_copies, METH_VARARGS,
+     "mark_copies(keys, idents, ts, window, clock, ck, clast, cntx, cik, cif, cocc, scratch, "
+     "kcap, icap, epoch) -> (mask, clock, ck, clast, cntx, cik, cif, cocc)"},
     {NULL, NULL, 0, NULL},
 };
 

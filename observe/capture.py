@@ -76,6 +76,8 @@ class CaptureFlowStats:
     """Connections whose requests may not all have records (payload seen only in part)."""
     dns_names: int = 0
     classify_notes: int = 0
+    duplicate_connections: int = 0
+    """Connections left out because another capture already gave them."""
 
 
 @dataclass
@@ -113,16 +115,49 @@ def _service_host(info: payload.StreamInfo, request: payload.HttpRequest | None,
 class CaptureMapper:
     """Turns tracker output into flow records; keeps DNS names across calls."""
 
-    def __init__(self, name: str, source: str = SOURCE_PCAP):
+    def __init__(self, name: str, source: str = SOURCE_PCAP,
+                 seen: set[tuple[object, ...]] | None = None):
         self.name = name
         self.source = source
         self.dns = DnsNames()
         self.stats = CaptureFlowStats()
+        #: Connections already recorded from another capture (shared between the captures of
+        #: one run): the same connection captured on the client's and the server's node.
+        self.seen = seen
+
+    def _unseen(self, out: TrackerOutput) -> TrackerOutput:
+        """``out`` without the connections another capture already gave (same 5-tuple and
+        client initial sequence number: the same TCP connection), nor their messages."""
+        if self.seen is None or out.connections.num_rows == 0:
+            return out
+        conns = out.connections
+        keys = zip(*(conns.column(c).to_pylist() for c in (
+            "transport", "client_ip", "client_port", "server_ip", "server_port", "client_isn")),
+            strict=True)
+        keep = []
+        for key in keys:
+            if key[-1] is None:  # no handshake captured: nothing proves it is the same one
+                keep.append(True)
+            elif key in self.seen:
+                keep.append(False)
+            else:
+                self.seen.add(key)
+                keep.append(True)
+        if all(keep):
+            return out
+        self.stats.duplicate_connections += keep.count(False)
+        mask = pa.array(keep)
+        kept = conns.filter(mask)
+        http = out.http
+        if http.num_rows:
+            http = http.filter(pc.is_in(http.column("conn_id"), kept.column("conn_id")))
+        return TrackerOutput(connections=kept, http=http)
 
     def records(self, out: TrackerOutput) -> pa.RecordBatch:
         """Flow records (FLOW_SCHEMA) for one tracker output: its connections, then the
         HTTP/1 requests (vectorized over every packet that starts a message), then the
         HTTP/2 and gRPC requests of the connections' first bytes."""
+        out = self._unseen(out)
         conns = out.connections
         n = conns.num_rows
         if n == 0:

@@ -32,6 +32,15 @@ Rules (what a row is, how a side is the client):
 - **HTTP/1 messages**: every TCP packet whose payload starts with an HTTP/1 request method
   and a space, or with ``HTTP/1.``, gives a row of the ``http`` table (first 2 KiB), so each
   request of a keep-alive connection is seen, not only the first.
+- **ISNs**: ``client_isn`` is the sequence number of the client's SYN, or, when only the
+  SYN-ACK was captured, its acknowledgement number minus one (the same value);
+  ``server_isn`` the sequence number of the server's SYN-ACK; null when not captured (and
+  for UDP). A TCP connection captured on two nodes (the client's and the server's) has the
+  same 5-tuple and ``client_isn`` in both captures, while a reused 5-tuple gets a new ISN:
+  the pair identifies the connection across captures.
+- **Copies**: the reader drops other interfaces' copies of a packet before they reach the
+  tracker (:class:`observe.pcap.CopyFilter`); a tracker fed batches with copies would count
+  them as retransmissions and record an HTTP message once per copy.
 - IP fragments: the first fragment carries the ports and counts as the datagram's packet
   (with its own frame length); later fragments are not part of any row (the reader counts
   them).
@@ -114,6 +123,11 @@ CONNECTION_SCHEMA = pa.schema([
     pa.field("ended", pa.string(), metadata={"doc": "fin, rst, timeout, open"}),
     pa.field("client_head", pa.binary(), metadata={"doc": "First payload bytes c->s"}),
     pa.field("server_head", pa.binary(), metadata={"doc": "First payload bytes s->c"}),
+    pa.field("client_isn", pa.int64(),
+             metadata={"doc": "Sequence number of the client's SYN (from the SYN-ACK's ack "
+                              "when only that was captured); null without one"}),
+    pa.field("server_isn", pa.int64(),
+             metadata={"doc": "Sequence number of the server's SYN-ACK; null without one"}),
 ])
 
 HTTP_SCHEMA = pa.schema([
@@ -187,6 +201,16 @@ def _arrow(values: np.ndarray, typ: pa.DataType) -> pa.Array:
     np_type = {pa.int64(): np.int64, pa.int32(): np.int32, pa.int8(): np.int8}[typ]
     data = np.ascontiguousarray(values, dtype=np_type)
     return pa.Array.from_buffers(typ, data.size, [None, pa.py_buffer(data)])
+
+
+def _nullable(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """An int64 Arrow array, null where ``valid`` is False."""
+    data = np.ascontiguousarray(np.where(valid, values, 0), dtype=np.int64)
+    nulls = int(valid.size - np.count_nonzero(valid))
+    bits = (pa.py_buffer(np.packbits(np.asarray(valid, dtype=bool), bitorder="little"))
+            if nulls else None)
+    return pa.Array.from_buffers(pa.int64(), data.size, [bits, pa.py_buffer(data)],
+                                 null_count=nulls)
 
 
 def _bools(values: np.ndarray) -> pa.Array:
@@ -673,6 +697,15 @@ class ConnectionTracker:
         syn, synack, rst, fin = p["syn"][slots], p["synack"][slots], p["rst"][slots], \
             p["fin"][slots]
         handshake = (syn[r, c] > 0) & (synack[r, srv] > 0)
+        # ISNs: isn holds SYN + 1 for the direction whose SYN / SYN-ACK set it.
+        isn = p["isn"][slots]
+        c_isn_ok = tcp & (sd >= 0)
+        c_isn = (isn[r, c] - 1) % _U32
+        from_synack = tcp & (sd < 0) & (sad >= 0)
+        c_isn = np.where(from_synack, (i["synack_ack"][slots] - 1) % _U32, c_isn)
+        c_isn_ok |= from_synack
+        s_isn_ok = tcp & (sad >= 0) & (sad == srv)
+        s_isn = (isn[r, srv] - 1) % _U32
         # Codes into _STATES and _ENDED.
         state = np.where(
             tcp,
@@ -716,6 +749,8 @@ class ConnectionTracker:
             _choice(ended, _ENDED),
             _blobs(ch),
             _blobs(sh),
+            _nullable(c_isn, c_isn_ok),
+            _nullable(s_isn, s_isn_ok),
         ], schema=CONNECTION_SCHEMA)
         self._release(sl)
         return TrackerOutput(conns, http)

@@ -59,7 +59,15 @@ from types import FrameType
 from typing import BinaryIO
 
 from observe.errors import InputError
-from observe.pcap import LT_ETHERNET, LT_RAW, LT_SLL2, CaptureStats, PacketBatch, read_packets
+from observe.pcap import (
+    LT_ETHERNET,
+    LT_RAW,
+    LT_SLL2,
+    CaptureStats,
+    CopyFilter,
+    PacketBatch,
+    read_packets,
+)
 
 ANY = "any"
 #: libpcap's default snapshot length.
@@ -197,6 +205,9 @@ class LiveCapture:
             raise InputError(f"flush interval must be positive, not {flush_every_s}")
         self.iface = iface
         self.origin = f"live:{iface}"
+        # One filter for the whole capture: a packet's copy on another interface may fall
+        # into the next flush.
+        self._copies = CopyFilter()
         self.duration_s = duration_s
         self.count = count
         self.flush_every_s = float(flush_every_s)
@@ -520,7 +531,8 @@ class LiveCapture:
                     raise InputError(f"cannot write the capture file: {e.strerror or e}",
                                      origin=self.origin) from e
             cs = CaptureStats(origin=self.origin)
-            for batch in read_packets(io.BytesIO(data), self.origin, stats=cs):
+            for batch in read_packets(io.BytesIO(data), self.origin, stats=cs,
+                                      copies=self._copies):
                 batch.frame += first - 1
                 batches.append(batch)
             dec = st.decode

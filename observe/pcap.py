@@ -19,6 +19,24 @@ every other field is gathered with numpy from the record offsets; both give the 
 (``tests/observe/test_pcapcut.py``). Each read goes straight into the buffer the batch keeps:
 memory is a few batches, whatever the size of the capture.
 
+Interfaces and duplicate copies: each row keeps the interface that recorded it (``ifindex``
+from an SLL2 header, ``iface`` the pcapng interface). ``tcpdump -i any`` on a node records a
+pod-to-pod packet once per interface it crosses (the sending pod's veth, the bridge, the
+receiving pod's veth, eth0 - decapsulated, the same packet); counted as they are, each copy
+would be a packet and a retransmission, and each copy of an HTTP request a request.
+:class:`CopyFilter` drops them as the batches are read (counted in
+``CaptureStats.duplicate_copies``, not in ``packets``). The rule: rows with the same
+:func:`copy_keys` (addresses, ports, TCP flags, sequence, acknowledgement and window, IPv4
+identification, payload length and first 16 payload bytes) form a *run* while each comes at
+most 5 ms (:data:`COPY_WINDOW_NS`) after the previous one by the capture clock; the n-th row
+of a run on an interface is that interface's n-th sighting, and it is a copy when another
+interface already showed an n-th sighting. A retransmission leaves through the same
+interface as the original, so there it is a second sighting, never a copy, even within the
+window; its copies elsewhere match it, not the original. The filter's memory (runs within
+the window of the clock) spans batches, in C (``mark_copies``) or numpy, with the same result.
+A pcap file of a link type without interface identity is not filtered (one interface: no
+copies by this rule).
+
 Nothing raises for bad content inside a capture: records of unsupported link types, non-IP
 frames, IP fragments after the first, and headers shorter than they claim are counted per
 reason in :class:`CaptureStats` (their frame numbers still advance), and a damaged record
@@ -132,6 +150,9 @@ class CaptureStats:
     warnings: list[str] = field(default_factory=list)
     #: True when the read stopped before the end of the stream because of damage.
     stopped: bool = False
+    #: Records that decoded to an IP packet but are another interface's copy of a packet
+    #: already counted (see :class:`CopyFilter`); not rows, not in ``packets``.
+    duplicate_copies: int = 0
 
     def warn(self, where: str, message: str) -> None:
         self.warnings.append(f"{self.origin}:{where}: {message}")
@@ -192,15 +213,35 @@ class PacketBatch:
     tunnel: np.ndarray
     #: 1 when the packet is the first fragment of a fragmented IP datagram, else 0.
     frag: np.ndarray
+    #: IPv4 identification field of the innermost IP header (uint16; 0 for IPv6).
+    ip_id: np.ndarray
+    #: Linux interface index from the SLL2 header (what ``tcpdump -i any`` writes; uint32),
+    #: 0 for other link types.
+    ifindex: np.ndarray
+    #: pcapng interface the record was captured on, numbered 0, 1, ... in the order of the
+    #: file's interface description blocks across all sections (int32); 0 in pcap files.
+    iface: np.ndarray
 
     def __len__(self) -> int:
         return int(self.frame.shape[0])
+
+    def select(self, rows: np.ndarray) -> PacketBatch:
+        """The batch of the rows ``rows`` (indices or a mask), sharing ``buf``."""
+        cols = {f: getattr(self, f)[rows] for f in _BATCH_COLUMNS}
+        return PacketBatch(buf=self.buf, **cols)
 
     def payload(self, i: int, limit: int | None = None) -> bytes:
         """Captured payload bytes of row ``i`` (at most ``limit``)."""
         n = int(self.payload_cap[i]) if limit is None else min(int(self.payload_cap[i]), limit)
         off = int(self.payload_off[i])
         return self.buf[off: off + n].tobytes()
+
+
+#: The per-row columns of a PacketBatch (everything but ``buf``).
+_BATCH_COLUMNS = ("frame", "ts_ns", "frame_len", "cap_len", "linktype", "ip_version", "src_hi",
+                  "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport", "tcp_flags", "seq",
+                  "ack", "window", "payload_len", "payload_off", "payload_cap", "tunnel", "frag",
+                  "ip_id", "ifindex", "iface")
 
 
 def addr_text(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -293,6 +334,8 @@ class _Decoded:
     payload_cap: np.ndarray
     tunnel: np.ndarray
     frag: np.ndarray
+    ip_id: np.ndarray
+    ifindex: np.ndarray
 
 
 def _link(b: np.ndarray, start: np.ndarray, end: np.ndarray, lt: np.ndarray
@@ -382,6 +425,7 @@ def _ip(b: np.ndarray, l3: np.ndarray, end: np.ndarray, et: np.ndarray) -> dict[
         "dst_hi": np.zeros(n, dtype=np.uint64), "dst_lo": np.zeros(n, dtype=np.uint64),
         "proto": np.zeros(n, dtype=i64), "l4": np.zeros(n, dtype=i64),
         "l4_len": np.zeros(n, dtype=i64), "frag": np.zeros(n, dtype=np.int8),
+        "ipid": np.zeros(n, dtype=i64),
     }
     bad = np.zeros(n, dtype=bool)
     later_frag = np.zeros(n, dtype=bool)
@@ -399,6 +443,7 @@ def _ip(b: np.ndarray, l3: np.ndarray, end: np.ndarray, et: np.ndarray) -> dict[
         tot = np.where(tot == 0, e - o, tot)
         bad4 |= tot < ihl
         out["ver"][v4] = 4
+        out["ipid"][v4] = _u16(b, o + 4)
         out["proto"][v4] = _u8(b, o + 9)
         out["src_hi"][v4], out["src_lo"][v4] = _addr(b, o + 12, 4)
         out["dst_hi"][v4], out["dst_lo"][v4] = _addr(b, o + 16, 4)
@@ -515,7 +560,7 @@ def _decode(b: np.ndarray, start: np.ndarray, caplen: np.ndarray, lt: np.ndarray
     res = {k: np.zeros(n, dtype=np.uint64) for k in ("src_hi", "src_lo", "dst_hi", "dst_lo")}
     ints = {k: np.zeros(n, dtype=np.int64) for k in
             ("ver", "proto", "sport", "dport", "flags", "seq", "ack", "win", "plen", "poff",
-             "pcap", "frag")}
+             "pcap", "frag", "ipid")}
     for level in range(_MAX_ENCAP + 1):
         if cur.size == 0:
             break
@@ -565,6 +610,7 @@ def _decode(b: np.ndarray, start: np.ndarray, caplen: np.ndarray, lt: np.ndarray
         ints["ver"][fi] = ip["ver"][final]
         ints["proto"][fi] = ip["proto"][final]
         ints["frag"][fi] = ip["frag"][final]
+        ints["ipid"][fi] = ip["ipid"][final]
         for k, src in (("sport", "sport"), ("dport", "dport"), ("flags", "flags"),
                        ("seq", "seq"), ("ack", "ack"), ("win", "win"), ("plen", "plen"),
                        ("poff", "poff")):
@@ -585,7 +631,9 @@ def _decode(b: np.ndarray, start: np.ndarray, caplen: np.ndarray, lt: np.ndarray
         dport=cols["dport"].astype(np.uint16), tcp_flags=cols["flags"].astype(np.uint16),
         seq=cols["seq"], ack=cols["ack"], window=cols["win"].astype(np.uint16),
         payload_len=cols["plen"], payload_off=cols["poff"], payload_cap=cols["pcap"],
-        tunnel=tunnel, frag=cols["frag"].astype(np.int8),
+        tunnel=tunnel, frag=cols["frag"].astype(np.int8), ip_id=cols["ipid"].astype(np.uint16),
+        # SLL2: bytes 4-7 of its header are the interface index.
+        ifindex=np.where(lt == LT_SLL2, _u32(b, start + 4), 0).astype(np.uint32),
     )
     return dec, reason
 
@@ -620,13 +668,15 @@ def _tsresol(v: int) -> tuple[int, int]:
 
 
 class _Reader:
-    def __init__(self, stream: BinaryIO, origin: str, batch_bytes: int):
+    def __init__(self, stream: BinaryIO, origin: str, batch_bytes: int,
+                 copies: CopyFilter | None = None):
         self.stream = stream
         self.stats = CaptureStats(origin=origin)
         self.batch_bytes = max(int(batch_bytes), 1 << 16)
         self.frame = 0
         self.consumed = 0  # absolute file offset of the start of the current buffer
         self.kernel = pcapcut if USE_KERNEL else None
+        self.copies = copies
 
     def _read(self, n: int) -> bytes:
         try:
@@ -673,10 +723,15 @@ class _Reader:
             raise FormatError("not a pcap or pcapng capture (unknown magic bytes)",
                               origin=self.stats.origin)
         self.stats.format = kind
-        if kind == PCAP:
-            yield from self._pcap(head)
-        else:
-            yield from self._pcapng(head)
+        for batch in self._pcap(head) if kind == PCAP else self._pcapng(head):
+            if self.copies is not None and len(batch):
+                copy = self.copies.mark(batch)
+                k = int(np.count_nonzero(copy))
+                if k:
+                    self.stats.duplicate_copies += k
+                    self.stats.packets -= k
+                    batch = batch.select(~copy)
+            yield batch
 
     # pcap ------------------------------------------------------------------------------------
 
@@ -688,6 +743,9 @@ class _Reader:
         endian, tmul = _PCAP_MAGICS[head[:4]]
         _vmaj, _vmin, _tz, _sig, snaplen, network = struct.unpack(endian + "HHiIII", head[4:24])
         lt = network & 0xFFFF  # upper bits: FCS length and flags
+        if lt != LT_SLL2:
+            # Every row is on "interface 0": nothing can be another interface's copy.
+            self.copies = None
         big = endian == ">"
         limit = max(MAX_RECORD, snaplen if 0 < snaplen < (1 << 30) else 0)
         self.consumed = 24
@@ -919,18 +977,20 @@ class _Reader:
                 self.stats.warn(f"packet {frames_before + i + 1}", f"packet block {what}")
         cap = np.where(bad_len, 0, cap)
         lts = np.where(bad_len | ~valid_if, -2, lts)
-        return self._batch(b, start, cap, wire, ts, lts)
+        return self._batch(b, start, cap, wire, ts, lts, gidx)
 
     # common ----------------------------------------------------------------------------------
 
     def _batch(self, b: np.ndarray, start: np.ndarray, cap: np.ndarray, wire: np.ndarray,
-               ts: np.ndarray, lts: np.ndarray) -> PacketBatch:
+               ts: np.ndarray, lts: np.ndarray, iface: np.ndarray | None = None) -> PacketBatch:
+        """The batch of the records at ``start`` (``iface``: their pcapng interface numbers,
+        None in pcap files)."""
         if self.kernel is not None:
             reason_b, cols = self.kernel.decode(b, np.ascontiguousarray(start, np.int64),
                                                 np.ascontiguousarray(cap, np.int64),
                                                 np.ascontiguousarray(lts, np.int64))
             return self._kernel_batch(b, np.frombuffer(reason_b, dtype=np.int8), cols, lts,
-                                      (ts, cap, wire))
+                                      (ts, cap, wire), iface)
         n = start.shape[0]
         frames = np.arange(self.frame + 1, self.frame + 1 + n, dtype=np.int64)
         self.frame += n
@@ -939,6 +999,8 @@ class _Reader:
         self._count_skips(reason, lts)
         ok = dec.ok
         self.stats.packets += int(ok.sum())
+        ifc = (np.zeros(int(ok.sum()), dtype=np.int32) if iface is None
+               else iface[ok].astype(np.int32))
         return PacketBatch(
             buf=b, frame=frames[ok], ts_ns=ts[ok], frame_len=wire[ok], cap_len=cap[ok],
             linktype=lts[ok].astype(np.int32), ip_version=dec.ip_version[ok],
@@ -947,14 +1009,16 @@ class _Reader:
             dport=dec.dport[ok], tcp_flags=dec.tcp_flags[ok], seq=dec.seq[ok], ack=dec.ack[ok],
             window=dec.window[ok], payload_len=dec.payload_len[ok],
             payload_off=dec.payload_off[ok], payload_cap=dec.payload_cap[ok],
-            tunnel=dec.tunnel[ok], frag=dec.frag[ok],
+            tunnel=dec.tunnel[ok], frag=dec.frag[ok], ip_id=dec.ip_id[ok],
+            ifindex=dec.ifindex[ok], iface=ifc,
         )
 
     def _kernel_batch(self, b: np.ndarray, reason: np.ndarray, cols: tuple[bytearray, ...],
                       lts: np.ndarray, per_record: tuple[np.ndarray, np.ndarray, np.ndarray]
-                      | None) -> PacketBatch:
+                      | None, iface: np.ndarray | None = None) -> PacketBatch:
         """The batch from the kernel's columns (``per_record``: timestamps, captured and wire
-        lengths of every record, when the kernel did not return them for the rows)."""
+        lengths of every record, when the kernel did not return them for the rows; ``iface``:
+        the pcapng interface number of every record, None in pcap files)."""
         n = reason.shape[0]
         first = self.frame + 1
         self.frame += n
@@ -970,12 +1034,17 @@ class _Reader:
         frames = np.arange(first, first + n, dtype=np.int64) if idx.size == n else idx + first
         self._count_skips(reason, lts)
         self.stats.packets += int(idx.shape[0])
+        if iface is None:
+            ifc = np.zeros(idx.shape[0], dtype=np.int32)
+        else:
+            ifc = (iface if idx.size == n else iface[idx]).astype(np.int32)
         return PacketBatch(
             buf=b, frame=frames, ts_ns=ts, frame_len=wire, cap_len=cap,
             linktype=(lts if idx.size == n else lts[idx]).astype(np.int32), ip_version=c[1],
             src_hi=c[2], src_lo=c[3], dst_hi=c[4], dst_lo=c[5], proto=c[6], sport=c[7],
             dport=c[8], tcp_flags=c[9], seq=c[10], ack=c[11], window=c[12], payload_len=c[13],
-            payload_off=c[14], payload_cap=c[15], tunnel=c[16], frag=c[17],
+            payload_off=c[14], payload_cap=c[15], tunnel=c[16], frag=c[17], ip_id=c[18],
+            ifindex=c[19], iface=ifc,
         )
 
     def _count_skips(self, reason: np.ndarray, lts: np.ndarray) -> None:
@@ -998,7 +1067,8 @@ class _Reader:
 #: dtypes of the kernel's decode columns, in its order.
 _KERNEL_COLS = (np.int64, np.int8, np.uint64, np.uint64, np.uint64, np.uint64, np.uint8,
                 np.uint16, np.uint16, np.uint16, np.int64, np.int64, np.uint16, np.int64,
-                np.int64, np.int64, np.int8, np.int8, np.int64, np.int64, np.int64)
+                np.int64, np.int64, np.int8, np.int8, np.uint16, np.uint32, np.int64, np.int64,
+                np.int64)
 
 
 def _flush_blocks(chunks: list[tuple[np.ndarray, np.ndarray, int]], pk_off: list[int],
@@ -1029,13 +1099,254 @@ def _parse_idb(buf: bytes | memoryview, pos: int, blen: int, endian: str) -> _In
     return iface
 
 
+# --- duplicate copies ------------------------------------------------------------------------
+
+#: Default window of :class:`CopyFilter`: the longest gap between two sightings of one packet
+#: on two interfaces of a node (µs in practice: a veth, the bridge and eth0 see it within one
+#: softirq run; 5 ms leaves room for a loaded node's backlog).
+COPY_WINDOW_NS = 5_000_000
+
+_K_SEED = np.uint64(0x9E3779B97F4A7C15)
+_K_MUL = np.uint64(0xFF51AFD7ED558CCD)
+_K_FIN = np.uint64(0xC4CEB9FE1A85EC53)
+_I64_MIN = -(1 << 63)
+
+
+def _kmix(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    h = (h ^ w) * _K_MUL
+    return h ^ (h >> np.uint64(32))
+
+
+#: The columns copy_keys hashes, in the kernel's order, with the types it takes.
+_KEY_COLS = (("src_hi", np.uint64), ("src_lo", np.uint64), ("dst_hi", np.uint64),
+             ("dst_lo", np.uint64), ("proto", np.uint8), ("sport", np.uint16),
+             ("dport", np.uint16), ("tcp_flags", np.uint16), ("seq", np.int64),
+             ("ack", np.int64), ("window", np.uint16), ("ip_id", np.uint16),
+             ("payload_len", np.int64), ("payload_off", np.int64), ("payload_cap", np.int64))
+
+
+def copy_keys(batch: PacketBatch) -> np.ndarray:
+    """The identity of each row as a 64-bit hash (uint64): addresses, protocol, ports, TCP
+    flags, sequence and acknowledgement numbers and window, IPv4 identification, payload
+    length, and the first 16 captured payload bytes (for protocols other than TCP and UDP,
+    the first 16 bytes after the IP header). Copies of one packet on several interfaces
+    have the same key; frame length, TTL, checksums and the overlay are left out (routing
+    and encapsulation change them)."""
+    if pcapcut is not None and USE_KERNEL:
+        cols = tuple(np.ascontiguousarray(getattr(batch, c), dtype=t) for c, t in _KEY_COLS)
+        return np.frombuffer(pcapcut.hash_keys(batch.buf, cols), dtype=np.uint64)
+    n = len(batch)
+    u64 = np.uint64
+    words = np.empty((n, 7), dtype=u64)
+    words[:, 0] = batch.src_hi
+    words[:, 1] = batch.src_lo
+    words[:, 2] = batch.dst_hi
+    words[:, 3] = batch.dst_lo
+    words[:, 4] = (batch.proto.astype(u64) | (batch.sport.astype(u64) << u64(8))
+                   | (batch.dport.astype(u64) << u64(24))
+                   | (batch.tcp_flags.astype(u64) << u64(40)))
+    words[:, 5] = batch.seq.astype(u64) | (batch.ack.astype(u64) << u64(32))
+    words[:, 6] = (batch.window.astype(u64) | (batch.ip_id.astype(u64) << u64(16))
+                   | (batch.payload_len.astype(u64) << u64(32)))
+    offs = batch.payload_off.astype(np.int64)
+    caps = batch.payload_cap.astype(np.int64)
+    h = np.full(n, _K_SEED, dtype=u64)
+    for k in range(7):
+        h = _kmix(h, words[:, k])
+    j = np.arange(16)
+    idx = np.minimum(offs[:, None] + j, batch.buf.size - 1)
+    raw = np.where(j < caps[:, None], batch.buf[idx], 0).astype(np.uint8)
+    pw = np.ascontiguousarray(raw).view("<u8").astype(u64)
+    h = _kmix(_kmix(h, pw[:, 0]), pw[:, 1])
+    h ^= h >> u64(33)
+    h *= _K_FIN
+    return h ^ (h >> u64(33))
+
+
+@dataclass
+class _CopyState:
+    """What a CopyFilter remembers between batches (see :meth:`CopyFilter.mark`)."""
+
+    clock: int = _I64_MIN
+    #: Per key of a live run, sorted by key: key, time of its last row, transmissions.
+    ck: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    clast: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    cntx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: Per (key, interface) of those runs, sorted: occurrence number of its last row.
+    cik: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    cif: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    cocc: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: The kernel's hash tables, kept between calls (see mark_copies in _pcapcut.c).
+    scratch: bytearray = field(default_factory=bytearray)
+    kcap: int = 0
+    icap: int = 0
+    epoch: int = 0
+
+
+class CopyFilter:
+    """Tell another interface's copy of a packet from a new packet (``tcpdump -i any``).
+
+    Capturing on ``any``, a node records one packet once per interface it crosses: the
+    sending pod's veth, the bridge, the receiving pod's veth, eth0 (decapsulated, it is the
+    same packet). The rule, row by row in capture order:
+
+    - Two rows are *the same packet* when their :func:`copy_keys` are equal (addresses,
+      ports, TCP flags, sequence, acknowledgement and window, IPv4 identification, payload
+      length and first payload bytes).
+    - Rows of one key form a *run* while each comes at most ``window_ns`` after the key's
+      previous row (measured against the capture clock, the largest timestamp so far, so
+      timestamps a little out of order do not break a run).
+    - Within a run, a row's *occurrence number* on its interface (SLL2 ifindex and pcapng
+      interface) is how many rows of the run that interface showed before it: each
+      transmission of the packet passes each interface once, so the n-th sighting on every
+      interface is the n-th transmission. A row is a **copy** when another interface
+      already showed that occurrence number; the first sighting of each transmission is
+      the packet.
+
+    A real retransmission is not taken for a copy: it leaves through the same interface as
+    the original, so there its occurrence number is one higher, and it counts as the next
+    transmission even when it follows within the window (a fast retransmit on a pod network
+    comes after a few round trips of tens of µs; Linux sets a new IPv4 identification too).
+    Its own copies on the other interfaces then match it, not the original. Rows of one
+    interface are never copies of each other, so a capture of one interface loses nothing.
+
+    The state (runs whose last row is within the window of the clock) carries across
+    batches, and across reads when one filter is given to several (live capture chunks).
+    """
+
+    def __init__(self, window_ns: int = COPY_WINDOW_NS):
+        self.window_ns = int(window_ns)
+        self.state = _CopyState()
+
+    def mark(self, batch: PacketBatch) -> np.ndarray:
+        """Mask of the rows of ``batch`` that are copies (and remember the batch)."""
+        n = len(batch)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        keys = copy_keys(batch)
+        ident = (batch.iface.astype(np.uint64) << np.uint64(32)) | batch.ifindex.astype(
+            np.uint64)
+        ts = np.ascontiguousarray(batch.ts_ns, dtype=np.int64)
+        if pcapcut is not None and USE_KERNEL:
+            mask, self.state = _mark_copies_c(keys, ident, ts, self.window_ns, self.state)
+        else:
+            mask, self.state = _mark_copies_np(keys, ident, ts, self.window_ns, self.state)
+        return mask
+
+
+def _sorted_state(clock: int, ck: np.ndarray, clast: np.ndarray, cntx: np.ndarray,
+                  cik: np.ndarray, cif: np.ndarray, cocc: np.ndarray) -> _CopyState:
+    o = np.argsort(ck, kind="stable")
+    oi = np.lexsort((cif, cik))
+    return _CopyState(clock, ck[o], clast[o], cntx[o], cik[oi], cif[oi], cocc[oi])
+
+
+#: Bytes of one slot of the kernel's per-key and per-(key, interface) tables.
+_KENT, _IENT = 40, 32
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
+
+
+def _mark_copies_c(keys: np.ndarray, ident: np.ndarray, ts: np.ndarray, window: int,
+                   st: _CopyState) -> tuple[np.ndarray, _CopyState]:
+    n = keys.size
+    kcap = max(st.kcap, _pow2(2 * (st.ck.size + n)))
+    icap = max(st.icap, _pow2(2 * (st.cik.size + n)))
+    scratch, epoch = st.scratch, st.epoch + 1
+    if (kcap, icap) != (st.kcap, st.icap) or epoch >= 1 << 32:
+        scratch, epoch = bytearray(kcap * _KENT + icap * _IENT), 1  # zeroed: no epoch yet
+    mask_b, clock, *carry = pcapcut.mark_copies(
+        keys, np.ascontiguousarray(ident), ts, window, st.clock, st.ck, st.clast, st.cntx,
+        st.cik, st.cif, st.cocc, scratch, kcap, icap, epoch)
+    types = (np.uint64, np.int64, np.int64, np.uint64, np.uint64, np.int64)
+    arrs = [np.frombuffer(c, dtype=t) for c, t in zip(carry, types, strict=True)]
+    state = _sorted_state(int(clock), *arrs)
+    state.scratch, state.kcap, state.icap, state.epoch = scratch, kcap, icap, epoch
+    return np.frombuffer(mask_b, dtype=bool), state
+
+
+def _mark_copies_np(keys: np.ndarray, ident: np.ndarray, ts: np.ndarray, window: int,
+                    st: _CopyState) -> tuple[np.ndarray, _CopyState]:
+    """:class:`CopyFilter`'s rule over a batch at once (the kernel's ``mark_copies`` runs it
+    row by row with hash tables). The carried (key, interface) entries enter as rows placed
+    before the batch, at their run's last time, with their occurrence numbers."""
+    n, m = keys.size, st.cik.size
+    clock = np.maximum.accumulate(np.maximum(ts, st.clock))
+    kpos = np.searchsorted(st.ck, st.cik)
+    all_keys = np.concatenate((st.cik, keys))
+    all_ts = np.concatenate((st.clast[kpos], ts))
+    all_id = np.concatenate((st.cif, ident))
+    all_clock = np.concatenate((np.full(m, st.clock, dtype=np.int64), clock))
+    order = np.argsort(all_keys, kind="stable")  # by key, then capture order (carried first)
+    ks, tss, ids, clk = all_keys[order], all_ts[order], all_id[order], all_clock[order]
+    carried = order < m
+    total = n + m
+    first = np.ones(total, dtype=bool)
+    first[1:] = ks[1:] != ks[:-1]
+    gap = np.zeros(total, dtype=bool)
+    gap[1:] = (clk[1:] - tss[:-1]) > window
+    cid = np.cumsum(first | gap) - 1
+    # Occurrence numbers: rank within (run, interface), after the carried one if any.
+    occ = np.zeros(total, dtype=np.int64)
+    occ[carried] = st.cocc[order[carried]]
+    size = np.bincount(cid)
+    multi = np.nonzero(size[cid] > 1)[0]
+    if multi.size:
+        o2 = multi[np.lexsort((multi, ids[multi], cid[multi]))]
+        g = np.ones(o2.size, dtype=bool)
+        g[1:] = (cid[o2][1:] != cid[o2][:-1]) | (ids[o2][1:] != ids[o2][:-1])
+        gstart = np.maximum.accumulate(np.where(g, np.arange(o2.size), 0))
+        occ[o2] = occ[o2[gstart]] + (np.arange(o2.size) - gstart)
+        glast = np.ones(o2.size, dtype=bool)
+        glast[:-1] = g[1:]
+        last_multi = o2[glast]
+    else:
+        last_multi = np.zeros(0, dtype=np.int64)
+    # A copy: an earlier row of its run already had its occurrence number (occurrence
+    # numbers per interface count up from 0, so: the run's highest so far is >= its own).
+    big = np.int64(1) << np.int64(32)
+    val = cid * big + occ
+    run = np.maximum.accumulate(val)
+    before = np.full(total, -1, dtype=np.int64)
+    before[1:] = run[:-1] - cid[1:] * big
+    copy_sorted = ~carried & (before >= occ)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[~carried] - m] = copy_sorted[~carried]
+    # What to remember: runs whose last row is within the window of the clock.
+    clock_end = int(all_clock.max()) if total else st.clock
+    if total == 0:
+        return mask, st
+    last = np.ones(total, dtype=bool)
+    last[:-1] = first[1:]
+    li = np.nonzero(last)[0]
+    keep = (clock_end - tss[li]) <= window
+    li = li[keep]
+    ck, clast = ks[li], tss[li]
+    cntx = run[li] - cid[li] * big + 1
+    kept_run = np.zeros(int(cid[-1]) + 1, dtype=bool)
+    kept_run[cid[li]] = True
+    single = np.nonzero(size[cid] == 1)[0]
+    ent = np.concatenate((single, last_multi))
+    ent = ent[kept_run[cid[ent]]]
+    return mask, _sorted_state(clock_end, ck, clast, cntx, ks[ent], ids[ent], occ[ent])
+
+
 def read_packets(stream: BinaryIO, origin: str, batch_bytes: int = 8 << 20,
-                 stats: CaptureStats | None = None, prefetch: bool | None = None
-                 ) -> Generator[PacketBatch, None, None]:
+                 stats: CaptureStats | None = None, prefetch: bool | None = None,
+                 copies: CopyFilter | bool = True) -> Generator[PacketBatch, None, None]:
     """Yield the decoded IP packets of a pcap/pcapng stream, one batch per read.
 
     ``stats`` (optional) is filled as the read goes: counters per skip reason and warnings.
     Raises :class:`FormatError` only when the stream is not a capture at all.
+
+    ``copies``: True (default) drops other interfaces' copies of a packet (see
+    :class:`CopyFilter`; counted in ``stats.duplicate_copies``) with a filter of this read's
+    own; a :class:`CopyFilter` does so with that filter, whose memory of recent packets
+    carries over from read to read (give one filter to the reads of consecutive chunks of
+    one capture); False keeps every record. A pcap file of a link type without interface
+    identity (anything but SLL2) cannot hold copies by this rule and is not filtered.
 
     ``prefetch`` (default: when the compiled kernel is built) reads and decodes in a
     background thread, at most :data:`PREFETCH` batches ahead of the consumer: the reads and
@@ -1043,7 +1354,8 @@ def read_packets(stream: BinaryIO, origin: str, batch_bytes: int = 8 << 20,
     core. ``stats`` may then run ahead of the batches yielded so far; it is complete when the
     iteration ends. Batches and errors arrive exactly as without prefetching.
     """
-    reader = _Reader(stream, origin, batch_bytes)
+    filt = copies if isinstance(copies, CopyFilter) else CopyFilter() if copies else None
+    reader = _Reader(stream, origin, batch_bytes, filt)
     if stats is not None:
         reader.stats = stats
         stats.origin = stats.origin or origin

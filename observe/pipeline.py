@@ -111,6 +111,10 @@ class ObserveStats:
     """Of those, attempts that never carried traffic (refused, no answer)."""
     not_itemized: int = 0
     """Connections whose requests may not all have records (payload seen only in part)."""
+    duplicate_copies: int = 0
+    """Packets seen again on another interface of the same capture (``-i any``), not counted."""
+    duplicate_connections: int = 0
+    """Connections left out because another capture already gave them (both nodes captured)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -268,6 +272,8 @@ class _Reader:
         self.total = sum(_size(p) for p in [*plan.logs, *plan.captures, *plan.flow_files])
         self.done = 0
         self.pool: ThreadPoolExecutor | None = None
+        #: (5-tuple, client ISN) of every TCP connection read from a capture so far.
+        self.capture_connections: set[tuple[object, ...]] = set()
         self.pending: deque[Future[_Result]] = deque()
 
     def progress(self, extra: int = 0) -> None:
@@ -470,7 +476,7 @@ class _Reader:
         name = display(path)
         self.stats.files += 1
         cstats = CaptureStats(name)
-        mapper = CaptureMapper(name, SOURCE_PCAP)
+        mapper = CaptureMapper(name, SOURCE_PCAP, seen=self.capture_connections)
         with open_input(path) as (stream, counter):
             try:
                 for batch in capture_batches(stream, name, stats=cstats, mapper=mapper):
@@ -492,6 +498,8 @@ class _Reader:
             log.warning("%s", warning)
         self.stats.capture_warnings.extend(cstats.warnings[: MAX_SAMPLES])
         self.stats.connections += mapper.stats.connections
+        self.stats.duplicate_copies += cstats.duplicate_copies
+        self.stats.duplicate_connections += mapper.stats.duplicate_connections
         self.stats.failed_connections += mapper.stats.failed
         self.stats.not_itemized += mapper.stats.not_itemized
         self.done += _size(path)

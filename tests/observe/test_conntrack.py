@@ -8,6 +8,9 @@ adjusting:
 - IP fragments: tshark counts a fragmented TCP segment once, at the frame that completes the
   reassembly, with that frame's length; the tracker counts it once at the first fragment
   (which holds the ports) with the first fragment's length: frames agree, bytes do not.
+- duplicate copies: tshark counts a packet recorded on two interfaces (``tcpdump -i any``)
+  twice; the reader drops the second sighting (``observe.pcap.CopyFilter``, checked against
+  tshark's fields in ``test_pcap.py``), so tshark's table is computed without those frames.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def tshark(*args: str) -> str:
                           check=False).stdout
 
 
-def tshark_conv(path: Path) -> dict[Pair, list[tuple[int, int, str]]]:
+def tshark_conv(path: Path, display_filter: str = "") -> dict[Pair, list[tuple[int, int, str]]]:
     """{(lower endpoint, higher endpoint): [frames, bytes, unit] lower->higher, higher->lower}"""
     out: dict[Pair, list[tuple[int, int, str]]] = {}
-    for line in tshark("-r", str(path), "-q", "-z", "conv,tcp").splitlines():
+    tap = "conv,tcp" + (f",{display_filter}" if display_filter else "")
+    for line in tshark("-r", str(path), "-q", "-z", tap).splitlines():
         m = _ROW.match(line)
         if not m:
             continue
@@ -87,6 +91,14 @@ def merged(conns: TrackerOutput) -> dict[Pair, list[int]]:
     return dict(out)
 
 
+def copy_frames(path: Path) -> set[int]:
+    """Frames the reader drops as other interfaces' copies."""
+    def frames(copies: bool) -> set[int]:
+        return {f for b in read_packets(io.BytesIO(path.read_bytes()), "t", copies=copies)
+                for f in b.frame.tolist()}
+    return frames(False) - frames(True)
+
+
 def same_bytes(ours: int, shown: int, unit: str) -> bool:
     """tshark prints sizes of 10 kB and more rounded to SI units."""
     d = _UNIT[unit]
@@ -96,7 +108,9 @@ def same_bytes(ours: int, shown: int, unit: str) -> bool:
 @needs_tshark
 @pytest.mark.parametrize("path", CAPTURES, ids=lambda p: p.name)
 def test_tcp_conversations_equal_tshark(path: Path) -> None:
-    ref = tshark_conv(path)
+    copies = copy_frames(path)
+    ref = tshark_conv(path, f"!(frame.number in {{{','.join(map(str, sorted(copies)))}}})"
+                      if copies else "")
     ours = merged(track(path))
     assert set(ours) == set(ref)
     for key, ((f_ab, b_ab, u_ab), (f_ba, b_ba, u_ba)) in ref.items():
@@ -301,3 +315,108 @@ def test_idle_gap_splits_with_timeout() -> None:
     r = track(pcap(*recs), idle_timeout_s=300).connections.to_pylist()
     assert [(x["ended"], x["state"]) for x in r] == [("timeout", "established"),
                                                      ("open", "midstream")]
+
+
+# --- copies and ISNs -------------------------------------------------------------------------
+
+BRIDGE = DATA / "meshwright-bridge-any.pcap"
+
+
+@needs_tshark
+def test_bridge_capture_counts_each_packet_once() -> None:
+    """Every packet of the bridge capture crosses pod B's veth: tshark's conversations on
+    that interface alone are the truth for the whole (two-interface) capture, and each HTTP
+    request is one row of the http table (tshark: 7 requests on that interface)."""
+    veth_b = {line.split("\t")[0] for line in tshark(
+        "-r", str(BRIDGE), "-T", "fields", "-e", "sll.ifindex", "-e", "sll.pkttype", "-e",
+        "ip.src").splitlines() if line.endswith("\t3\t10.77.0.3")}
+    assert len(veth_b) == 1
+    only_b = f"sll.ifindex == {veth_b.pop()}"
+    ref = tshark_conv(BRIDGE, only_b)
+    out = track(BRIDGE)
+    ours = merged(out)
+    assert set(ours) == set(ref) and len(ref) == 5
+    for key, ((f_ab, b_ab, _), (f_ba, b_ba, _)) in ref.items():
+        assert ours[key] == [f_ab, b_ab, f_ba, b_ba], key
+    # (tshark's own http.request would not do: it takes the second sighting of a segment
+    # for a retransmission and does not dissect it again.)
+    requests = tshark("-r", str(BRIDGE), "-Y", f"{only_b} && tcp.payload[0:4] == 47:45:54:20",
+                      "-T", "fields", "-e", "frame.number").split()
+    http = out.http.to_pylist()
+    assert len(requests) == 7
+    assert sum(r["direction"] == "c2s" for r in http) == 7
+    assert sum(r["direction"] == "s2c" for r in http) == 7
+    # The datagram sent twice in a row over IPv6 (identical bytes) is two datagrams.
+    udp6 = [r for r in out.connections.to_pylist()
+            if r["transport"] == "udp" and r["ip_version"] == 6]
+    assert [(r["packets_c2s"], r["packets_s2c"]) for r in udp6] == [(4, 4)]
+
+
+def test_isns_are_the_handshake_sequence_numbers() -> None:
+    recs = handshake(1_000_000, 40010, 123_456_789, 4_000_000_000)  # server ISN > 2^31
+    recs += [pkt(1_000_100, CLI, SRV, 40010, 443, 123_456_790, 4_000_000_001, RST)]
+    # Only the SYN-ACK captured: the client's ISN is its acknowledgement number - 1.
+    recs += [pkt(2_000_000, SRV, CLI, 443, 40011, 77, 0xFFFFFFFF + 1, SYN | ACK)]  # ack wraps
+    # Midstream: no ISN; a lone SYN: the client's only.
+    recs += [pkt(3_000_000, CLI, SRV, 40012, 443, 5, 6, ACK | PSH, b"x"),
+             pkt(4_000_000, CLI, SRV, 40013, 443, 999, 0, SYN)]
+    rows = {r["client_port"]: r for r in track(pcap(*recs)).connections.to_pylist()}
+    got = {p: (r["client_isn"], r["server_isn"]) for p, r in rows.items()}
+    assert got == {40010: (123_456_789, 4_000_000_000), 40011: (0xFFFFFFFF, 77),
+                   40012: (None, None), 40013: (999, None)}
+    udp = track(DATA / "tcpdump-dns_udp.pcap").connections.to_pylist()
+    assert all(r["client_isn"] is None for r in udp if r["transport"] == "udp")
+
+
+@needs_tshark
+@pytest.mark.parametrize("name", ["deepflow-http.pcap", "zeek-http-pipelined.pcap",
+                                  "deepflow-out-of-order.pcap", "pcpp-three_http_streams.pcap"])
+def test_isns_equal_tshark_raw_sequence_numbers(name: str) -> None:
+    path = DATA / name
+    syn: dict[tuple[str, int, str, int], int] = {}
+    synack: dict[tuple[str, int, str, int], int] = {}
+    for line in tshark("-r", str(path), "-Y", "tcp.flags.syn == 1", "-T", "fields", "-e",
+                       "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport",
+                       "-e", "tcp.flags.ack", "-e", "tcp.seq_raw").splitlines():
+        src, sport, dst, dport, is_ack, seq = line.split("\t")
+        if is_ack in ("1", "True"):
+            synack.setdefault((dst, int(dport), src, int(sport)), int(seq))
+        else:
+            syn.setdefault((src, int(sport), dst, int(dport)), int(seq))
+    rows = track(path).connections.to_pylist()
+    assert syn and rows
+    for r in rows:
+        key = (r["client_ip"], r["client_port"], r["server_ip"], r["server_port"])
+        assert (r["client_isn"], r["server_isn"]) == (syn.get(key), synack.get(key)), key
+
+
+def split_by_ifindex(data: bytes) -> dict[int, bytes]:
+    """An SLL2 pcap split into one pcap per interface index (record layout from the pcap
+    format: 16-byte record header, captured length at offset 8; SLL2 ifindex at 4)."""
+    head, pos = data[:24], 24
+    out: dict[int, list[bytes]] = defaultdict(list)
+    while pos + 16 <= len(data):
+        cap = struct.unpack_from("<I", data, pos + 8)[0]
+        rec = data[pos: pos + 16 + cap]
+        out[struct.unpack_from(">I", rec, 16 + 4)[0]].append(rec)
+        pos += 16 + cap
+    return {k: head + b"".join(v) for k, v in out.items()}
+
+
+def test_one_connection_in_two_captures_has_one_identity() -> None:
+    """Pod A's veth and pod B's veth as two node captures: the TCP connections they share
+    have the same 5-tuple and client ISN in both, the refused ones included."""
+    views = split_by_ifindex(BRIDGE.read_bytes())
+    assert len(views) == 3  # pod A's veth, pod B's veth, the bridge
+    ident: list[set[tuple[object, ...]]] = []
+    for data in views.values():
+        rows = track(data).connections.to_pylist()
+        ident.append({(r["client_ip"], r["client_port"], r["server_ip"], r["server_port"],
+                       r["client_isn"]) for r in rows if r["transport"] == "tcp"})
+        assert all(r["client_isn"] is not None for r in rows if r["transport"] == "tcp")
+    both = set.intersection(*sorted(ident, key=len)[-2:])
+    assert len(both) == 4  # HTTP and refused, over IPv4 and IPv6
+    whole = {(r["client_ip"], r["client_port"], r["server_ip"], r["server_port"],
+              r["client_isn"]) for r in track(BRIDGE).connections.to_pylist()
+             if r["transport"] == "tcp"}
+    assert set.union(*ident) == whole and len(whole) == 5

@@ -11,6 +11,7 @@ silently.
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 from pathlib import Path
 
@@ -30,7 +31,8 @@ DATA = Path(__file__).parent.parent / "data" / "pcap"
 CAPTURES = sorted(p for p in DATA.iterdir() if sniff_capture(p.read_bytes()[:64]))
 COLUMNS = ("frame", "ts_ns", "frame_len", "cap_len", "linktype", "ip_version", "src_hi",
            "src_lo", "dst_hi", "dst_lo", "proto", "sport", "dport", "tcp_flags", "seq", "ack",
-           "window", "payload_len", "payload_off", "payload_cap", "tunnel", "frag")
+           "window", "payload_len", "payload_off", "payload_cap", "tunnel", "frag", "ip_id",
+           "ifindex", "iface")
 
 
 def test_the_kernel_is_built() -> None:
@@ -61,7 +63,8 @@ def read(data: bytes, use: bool, batch_bytes: int, prefetch: bool | None = None)
     dtypes = {c: str(getattr(batches[0], c).dtype) for c in COLUMNS} if batches else {}
     payloads = [b.payload(i) for b in batches for i in range(len(b))]
     summary = (stats.format, stats.frames, stats.packets, sorted(stats.skipped.items()),
-               sorted(stats.other_blocks.items()), stats.warnings, stats.stopped, dtypes)
+               sorted(stats.other_blocks.items()), stats.warnings, stats.stopped, dtypes,
+               stats.duplicate_copies)
     return cols, payloads, summary
 
 
@@ -186,3 +189,34 @@ def test_prefetch_hands_over_errors_and_stops_when_abandoned() -> None:
     it.close()  # the consumer stops early: the reader thread must end
     assert threading.active_count() == before
     assert not any(t.name == "pcap-reader" for t in threading.enumerate())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3), st.integers(-3000, 5000)),
+                max_size=80), st.lists(st.integers(0, 80), max_size=5))
+def test_copy_marks_and_memory_agree(rows: list[tuple[int, int, int]], cuts: list[int]) -> None:
+    """The kernel's mark_copies and the numpy rule give the same marks and remember the
+    same runs (clock, per key and per key and interface) after every batch."""
+    ts = np.cumsum([10**6] + [dt for _, _, dt in rows])[1:].astype(np.int64)
+    keys = np.array([(k * 0x9E3779B97F4A7C15) % (1 << 64) for k, _, _ in rows], dtype=np.uint64)
+    ident = np.array([(i % 2) << 32 | i for _, i, _ in rows], dtype=np.uint64)
+    bounds = sorted({0, len(rows), *(c for c in cuts if c <= len(rows))})
+    sc, sn = pcap._CopyState(), pcap._CopyState()
+    for a, b in itertools.pairwise(bounds):
+        mc, sc = pcap._mark_copies_c(keys[a:b], ident[a:b], ts[a:b], 2500, sc)
+        mn, sn = pcap._mark_copies_np(keys[a:b], ident[a:b], ts[a:b], 2500, sn)
+        assert mc.tolist() == mn.tolist()
+        assert sc.clock == sn.clock
+        for f in ("ck", "clast", "cntx", "cik", "cif", "cocc"):
+            assert getattr(sc, f).tolist() == getattr(sn, f).tolist(), f
+
+
+def test_copy_keys_agree_on_real_captures() -> None:
+    for path in CAPTURES:
+        for b in read_packets(io.BytesIO(path.read_bytes()), "t", copies=False):
+            pcap.USE_KERNEL = False
+            try:
+                ref = pcap.copy_keys(b)
+            finally:
+                pcap.USE_KERNEL = True
+            assert np.array_equal(pcap.copy_keys(b), ref), path.name
