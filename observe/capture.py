@@ -52,6 +52,9 @@ SOURCE_LIVE = "live"
 #: to an hour (its default idle_timeout): splitting one earlier would make its continuation
 #: look like a new connection whose handshake was never seen.
 IDLE_TIMEOUT_S = 3600.0
+#: Ended connections are handed on every this many batches (~8 MiB each): fewer, larger
+#: flushes cost less, and memory still holds only a few batches' worth of ended connections.
+FLUSH_EVERY_BATCHES = 8
 
 # Istio's mTLS SNI: outbound_.<port>_.<subset>_.<service FQDN> (pilot's BuildDNSSrvSubsetKey).
 _ISTIO_SNI = re.compile(r"^outbound_\.\d+_\.[^.]*_\.(?P<host>.+)$")
@@ -484,9 +487,11 @@ def capture_batches(
     pending: deque[Future[pa.RecordBatch]] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="meshwright-capture-map") as pool:
         try:
-            for batch in read_packets(stream, name, stats=stats):
+            for number, batch in enumerate(read_packets(stream, name, stats=stats), 1):
                 mapper.stats.packets += len(batch)
                 tracker.update(batch)
+                if number % FLUSH_EVERY_BATCHES:
+                    continue
                 flushed = tracker.flush()
                 if flushed.connections.num_rows:
                     pending.append(pool.submit(mapper.records, flushed))
