@@ -130,10 +130,10 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
              stats.get("records_failed", 0)],
             ["connections with only part of their requests seen (their edges get port-level "
              "rules)", stats.get("not_itemized", 0)],
-            ["packet copies from another interface (counted once)",
-             stats.get("duplicate_copies", 0)],
-            ["connections already in another capture (counted once)",
-             stats.get("duplicate_connections", 0)],
+            *([["packet copies from another interface (counted once)",
+                stats["duplicate_copies"]]] if stats.get("duplicate_copies") else []),
+            *([["connections already in another capture (counted once)",
+                stats["duplicate_connections"]]] if stats.get("duplicate_connections") else []),
         ])
         for reason in sorted(skipped):
             lines.append(f"- not decoded: {skipped[reason]} x {_cell(reason)}")
