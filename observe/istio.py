@@ -416,22 +416,25 @@ def flow_batches(
     gateway = _mask(
         pc.and_(pc.and_(outbound, ula_ip.is_valid()), pc.not_equal(dra_ip, ula_ip))
     )
-    if not pc.any(gateway).as_py():
-        return main, None, np.zeros(0, dtype=np.int64)
-    legs = main.filter(gateway)
+    rows = np.flatnonzero(gateway.to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return main, None, rows.astype(np.int64)
+    # Gateway lines are few: gather them by index (a filter scans every row of every column).
+    pick = pa.array(rows)
+    legs = main.take(pick)
     m = legs.num_rows
     overrides = {
         "direction": _const(m, "inbound"),
-        "src_ip": dra_ip.filter(gateway),
-        "src_port": dra_port.filter(gateway),
-        "dst_ip": dla_ip.filter(gateway),
-        "dst_port": dla_port.filter(gateway),
-        "mtls": server_mtls.filter(gateway),
-        "service_host": pc.coalesce(sni_host.filter(gateway), named_host.filter(gateway)),
+        "src_ip": dra_ip.take(pick),
+        "src_port": dra_port.take(pick),
+        "dst_ip": dla_ip.take(pick),
+        "dst_port": dla_port.take(pick),
+        "mtls": server_mtls.take(pick),
+        "service_host": pc.coalesce(sni_host.take(pick), named_host.take(pick)),
     }
     legs = _batch({**dict(zip(legs.schema.names, legs.columns, strict=True)), **overrides}, m)
     log.debug("%d gateway lines gave a downstream-leg record each", m)
-    return main, legs, np.flatnonzero(gateway.to_numpy(zero_copy_only=False))
+    return main, legs, rows.astype(np.int64)
 
 
 def _interleave(n: int, rows: np.ndarray) -> np.ndarray:
