@@ -11,7 +11,8 @@ from emit import outputs, report
 from emit.istio import DEFAULT_SYSTEM_NAMESPACES, plan_istio
 from emit.linkerd import plan_linkerd
 from emit.netpol import plan_netpol
-from learn.findings import find
+from emit.sarif import emit_findings_outputs
+from learn.findings import find, rank
 from learn.model import Finding, Graph
 from learn.workloads import cluster_facts
 
@@ -48,13 +49,18 @@ class Emitted:
 
 
 def emit_outputs(out: Path, graph: Graph, options: EmitOptions, *,
-                 stats: dict[str, Any], inventory: Inventory | None = None) -> Emitted:
+                 stats: dict[str, Any], inventory: Inventory | None = None,
+                 findings: list[Finding] | None = None,
+                 left_out: list[dict[str, Any]] | None = None) -> Emitted:
     """Write everything but flows.parquet into ``out`` (which must exist).
 
     ``inventory`` gives the Linkerd and NetworkPolicy proposals what the graph does not carry
-    (port names, probes, the cluster DNS pods, namespace labels).
+    (port names, probes, the cluster DNS pods, namespace labels). ``findings``: ranked
+    findings (:func:`learn.findings.find_all`; default: the graph's rule findings);
+    ``graph`` is then the graph the proposals are made from (flagged traffic already left
+    out) and ``left_out`` says what was left out and why, for the report.
     """
-    findings = find(graph)
+    findings = rank(find(graph)) if findings is None else findings
     facts = cluster_facts(inventory) if inventory is not None and (
         "linkerd" in options.meshes or "netpol" in options.meshes) else None
     # One plan per mesh: the manifests, what was left out and the report's explanations.
@@ -78,11 +84,11 @@ def emit_outputs(out: Path, graph: Graph, options: EmitOptions, *,
         manifests += netpol.manifests
     outputs.write_policies(manifests, out)
     outputs.write_json(out / "graph.json", outputs.graph_json(graph))
-    outputs.write_json(out / "findings.json", outputs.findings_json(findings))
+    emit_findings_outputs(out, findings)
     text = report.render_report(
         graph, findings, manifests,
         stats=stats,
-        excluded=[],
+        excluded=list(left_out or []),
         options={"trust_domain": options.trust_domain, "plaintext": options.plaintext,
                  "dry_run": options.dry_run, "system_namespaces": options.system_namespaces,
                  **({"mesh": ",".join(options.meshes)} if options.meshes != ("istio",)

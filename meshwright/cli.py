@@ -33,6 +33,7 @@ examples:
   meshwright analyze flows.parquet --inventory cluster.json --plaintext deny -o out/
   meshwright analyze logs/ --kube --context prod -o out/     (inventory from the live API)
   meshwright analyze dump/ --mesh linkerd --mesh netpol --egress -o out/
+  meshwright analyze today/ --baseline last-week-out/ -o out/   (findings against a baseline)
 
 outputs (OUT/): policies/<namespace>/<kind>-<name>.yaml, graph.json, findings.json,
 report.md, flows.parquet.  Exit codes: 0 ok, 2 usage, 3 bad input, 4 no flows found,
@@ -150,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients seen without mTLS: 'allow' them by source address with a port-level "
         "PERMISSIVE exception (default, reported as weak), or 'deny' (leave them out)",
     )
+    flagged = analyze.add_argument_group(
+        "findings against a baseline (anomalies, scans, exfiltration, downgrades, new edges)")
+    flagged.add_argument(
+        "--baseline", metavar="OUT_OR_FLOWS",
+        help="a previous analyze output directory or flows file: the traffic to compare with")
+    flagged.add_argument(
+        "--baseline-window", metavar="SPAN",
+        help="use the inputs' own first SPAN (e.g. 24h, 90m) as the baseline")
+    flagged.add_argument(
+        "--contamination", default="auto", metavar="X",
+        help="share of anomalous windows the learned model expects: 'auto' (default) or a "
+        "number in (0, 0.5]")
+    flagged.add_argument(
+        "--include-flagged", action="store_true",
+        help="keep traffic behind high-severity findings in the proposed policies (default: "
+        "left out, listed in the report)")
     analyze.add_argument(
         "--dry-run-annotation", action="store_true",
         help="add istio.io/dry-run: \"true\" to AuthorizationPolicies (staging)",

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from observe.errors import InputError, UsageError
 from observe.flows_io import FlowWriter
@@ -223,6 +223,57 @@ def _inventory(args: argparse.Namespace, found: list[Path]) -> Inventory:
     return inventory
 
 
+def _contamination(args: argparse.Namespace) -> float | str:
+    if args.contamination == "auto":
+        return "auto"
+    try:
+        value = float(args.contamination)
+    except ValueError:
+        raise UsageError(f"--contamination must be 'auto' or a number, not "
+                         f"{args.contamination!r}") from None
+    if not 0 < value <= 0.5:
+        raise UsageError(f"--contamination must be in (0, 0.5], not {value}")
+    return value
+
+
+def _findings(args: argparse.Namespace, out: Path, graph: Any, inventory: Inventory,
+              contamination: float | str) -> tuple[list[Any], Any, list[dict[str, Any]]]:
+    """Ranked findings (against the baseline, if any), the graph the proposals are made
+    from (high-severity traffic left out unless --include-flagged) and what was left out."""
+    from learn.baseline import (
+        learn_baseline,
+        load_baseline_flows,
+        parse_span,
+        prepare,
+        read_resolved,
+        split_by_window,
+    )
+    from learn.findings import apply_exclusions, find_all
+
+    if not args.baseline and not args.baseline_window:
+        findings = find_all(graph)
+    else:
+        frame = prepare(read_resolved(out / "flows.parquet"))
+        if args.baseline:
+            base = prepare(load_baseline_flows(Path(args.baseline), inventory,
+                                               trust_domain=args.trust_domain))
+            new = frame
+        else:
+            base, new = split_by_window(frame, parse_span(args.baseline_window))
+        findings = find_all(graph, new, learn_baseline(base), contamination=contamination)
+    if args.include_flagged:
+        return findings, graph, []
+    kept, left = apply_exclusions(graph, findings)
+    left_out = [{"source": x.source, "destination": x.destination, "port": x.port,
+                 "reason": f"{'its plaintext part ' if x.what == 'plaintext' else ''}left out: "
+                           f"finding {x.finding} (--include-flagged keeps it)"}
+                for x in left]
+    if left:
+        _say(args, f"meshwright: {len(left)} flagged edge(s) left out of the proposals "
+                   "(see report.md; --include-flagged keeps them)")
+    return findings, kept, left_out
+
+
 def analyze(args: argparse.Namespace) -> int:
     # Imported here so that `observe` (the hot path on big dumps) doesn't pay for pandas & co.
     from emit.analysis import EmitOptions, emit_outputs
@@ -231,6 +282,13 @@ def analyze(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory", hint="-o names a directory")
+    contamination = _contamination(args)
+    if args.baseline and args.baseline_window:
+        raise UsageError("--baseline and --baseline-window exclude each other",
+                         hint="compare with a previous run, or with the inputs' first part")
+    if args.baseline and not Path(args.baseline).exists():
+        raise InputError("baseline not found", origin=args.baseline,
+                         hint="a previous analyze output directory or a flows .parquet file")
     for path in args.inventory:
         if not Path(path).exists():
             raise InputError("inventory file not found", origin=path)
@@ -273,8 +331,10 @@ def analyze(args: argparse.Namespace) -> int:
                           dry_run=args.dry_run_annotation, trust_domain=args.trust_domain,
                           linkerd_allow_unmeshed=args.linkerd_allow_unmeshed,
                           linkerd_audit=args.linkerd_audit, egress=args.egress)
-    emitted = emit_outputs(out, learned.graph, options,
-                           stats={**stats.to_dict(), **learned.stats}, inventory=inventory)
+    findings, graph, left_out = _findings(args, out, learned.graph, inventory, contamination)
+    emitted = emit_outputs(out, graph, options,
+                           stats={**stats.to_dict(), **learned.stats}, inventory=inventory,
+                           findings=findings, left_out=left_out)
     by_severity: dict[str, int] = {}
     for f in emitted.findings:
         by_severity[f.severity] = by_severity.get(f.severity, 0) + 1

@@ -53,7 +53,8 @@ def _policies_text(out: Path) -> str:
 
 def test_output_contract(out: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
-        "findings.json", "flows.parquet", "graph.json", "policies", "report.md",
+        "findings.json", "findings.sarif", "flows.parquet", "graph.json", "policies",
+        "report.md",
     ]
     for path in (out / "policies").rglob("*.yaml"):
         [doc] = [d for d in yaml.safe_load_all(path.read_text("utf-8")) if d]
@@ -67,9 +68,14 @@ def test_output_contract(out: Path) -> None:
         assert {"source", "destination", "port", "protocol", "requests", "bytes", "mtls",
                 "methods", "paths", "first_seen", "last_seen"} <= set(edge)
         assert edge["mtls"] in {"full", "partial", "none", "unknown"}
-    for finding in json.loads((out / "findings.json").read_text("utf-8")):
-        assert set(finding) == {"id", "kind", "severity", "source", "destination", "port",
-                                "summary", "evidence"}
+    findings = json.loads((out / "findings.json").read_text("utf-8"))
+    for finding in findings:
+        assert set(finding) - {"details"} == {"id", "kind", "severity", "source", "destination",
+                                              "port", "summary", "evidence", "rank"}
+    assert [f["rank"] for f in findings] == list(range(1, len(findings) + 1))
+    sarif = json.loads((out / "findings.sarif").read_text("utf-8"))
+    assert sarif["version"] == "2.1.0"
+    assert len(sarif["runs"][0]["results"]) == len(findings)
 
 
 def test_every_manifest_validates_against_the_crds(out: Path) -> None:
