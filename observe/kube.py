@@ -7,9 +7,11 @@ turned back into the API's JSON shape, through the offline converter in ``observ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -293,3 +295,239 @@ def _policy_lister(kind: str, group: str, version: str, resource: str, ns: str |
     if ns is None:
         return lambda **kw: custom.list_cluster_custom_object(group, version, resource, **kw)
     return lambda **kw: custom.list_namespaced_custom_object(group, version, ns, resource, **kw)
+
+
+# -- watch and log streams ---------------------------------------------------------------------
+# Raw JSON over the ApiClient's own connection pool and auth: the generated watch helper retries
+# on its own and deserializes into models; observe.watch needs the raw objects (the inventory's
+# converter reads the API's JSON shape) and full control of resourceVersion and 410 handling.
+# ``pods/log`` lacks ``sinceTime`` in the generated client, so it is built the same way.
+
+
+class ApiUnavailable(InventoryError):
+    """A transient failure: connection refused or dropped, a stream cut, HTTP 429/5xx. The
+    caller reconnects after a back-off."""
+
+
+class StreamIdle(ApiUnavailable):
+    """No data within the read timeout (a quiet stream): reconnect, no back-off needed."""
+
+
+class ResourceGone(InventoryError):
+    """HTTP 410 (or a watch ``ERROR`` event with code 410): the resourceVersion is compacted
+    away; list again."""
+
+
+class NotFound(InventoryError):
+    """HTTP 404: the pod (or the resource) does not exist (any more)."""
+
+
+def resource_path(group: str, resource: str, namespace: str | None = None) -> str:
+    """The list/watch path of ``resource`` (``v1`` is the core group)."""
+    base = "/api/v1" if group == "v1" else f"/apis/{group}"
+    return f"{base}/namespaces/{namespace}/{resource}" if namespace else f"{base}/{resource}"
+
+
+class KubeApi:
+    """Raw GET access to the API server for lists, watches and log streams.
+
+    :meth:`interrupt` unblocks every read in progress (from another thread), for shutdown.
+    """
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self.api_client = api_client
+        self.server = str(api_client.configuration.host)
+        self._open: set[Any] = set()
+        #: Most responses (watches, log streams) ever open at once.
+        self.peak_open = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def connect(cls, context: str | None = None, kubeconfig: str | None = None) -> KubeApi:
+        """A client from kubeconfig/context or the in-cluster service account (as
+        :func:`load_live_inventory`)."""
+        return cls(_api_client(context, kubeconfig))
+
+    def close(self) -> None:
+        self.interrupt()
+        self.api_client.close()
+
+    def interrupt(self) -> None:
+        """Stop all reads in progress; later requests fail with :class:`ApiUnavailable`."""
+        with self._lock:
+            self._closed = True
+            responses = list(self._open)
+        for resp in responses:
+            with contextlib.suppress(Exception):
+                resp.shutdown()
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
+    def get_json(self, path: str, query: list[tuple[str, Any]]) -> dict[str, Any]:
+        """One GET answered with a JSON object (a list page)."""
+        resp = self._request(path, query, REQUEST_TIMEOUT)
+        try:
+            body = resp.data
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiUnavailable(f"reading {path} failed: {_one_line(exc)}",
+                                 origin=self.server) from exc
+        finally:
+            self._release(resp)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise InventoryError(f"malformed response for {path}: {_one_line(exc)}",
+                                 origin=self.server,
+                                 hint="is this server a Kubernetes API server?") from exc
+        if not isinstance(data, dict):
+            raise InventoryError(f"malformed response for {path}: not an object",
+                                 origin=self.server)
+        return data
+
+    def watch(self, path: str, resource_version: str, *, timeout_seconds: int,
+              field_selector: str | None = None, bookmarks: bool = True
+              ) -> Iterator[dict[str, Any]]:
+        """Watch events (``{"type", "object"}``) from ``resource_version`` on; ends when the
+        server closes the watch (``timeoutSeconds``). A 410 (HTTP or ``ERROR`` event) raises
+        :class:`ResourceGone`; a dropped connection :class:`ApiUnavailable` (events complete
+        before the drop were yielded; a half-sent event never is)."""
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"), ("resourceVersion", resource_version),
+            ("timeoutSeconds", timeout_seconds),
+        ]
+        if bookmarks:
+            query.append(("allowWatchBookmarks", "true"))
+        if field_selector:
+            query.append(("fieldSelector", field_selector))
+        read_timeout = float(timeout_seconds) + REQUEST_TIMEOUT[0]
+        for line in self._lines(path, query, (REQUEST_TIMEOUT[0], read_timeout), partial=False):
+            try:
+                event = json.loads(line)
+            except ValueError as exc:
+                raise ApiUnavailable(f"malformed watch event from {path}: {_one_line(exc)}",
+                                     origin=self.server) from exc
+            if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+                raise ApiUnavailable(f"malformed watch event from {path}", origin=self.server)
+            if event.get("type") == "ERROR":
+                status = event["object"]
+                message = _one_line(status.get("message") or status.get("reason") or "error")
+                if status.get("code") == 410:
+                    raise ResourceGone(f"watch {path}: {message}", origin=self.server)
+                raise ApiUnavailable(f"watch {path} error {status.get('code')}: {message}",
+                                     origin=self.server)
+            yield event
+
+    def follow_log(self, namespace: str, pod: str, container: str, *,
+                   since_time: str | None, read_timeout: float) -> Iterator[bytes]:
+        """Lines (without the newline) of ``pods/log?follow&timestamps[&sinceTime]``.
+
+        A clean end (the container stopped) also yields a last line without newline; a
+        stream cut mid-line raises :class:`ApiUnavailable` and the partial line is dropped
+        (it comes again on reconnect). No data for ``read_timeout`` raises :class:`StreamIdle`.
+        """
+        query: list[tuple[str, Any]] = [("container", container), ("follow", "true"),
+                                        ("timestamps", "true")]
+        if since_time:
+            query.append(("sinceTime", since_time))
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        yield from self._lines(path, query, (REQUEST_TIMEOUT[0], read_timeout), partial=True)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _request(self, path: str, query: list[tuple[str, Any]],
+                 timeout: tuple[float, float]) -> Any:
+        with self._lock:
+            if self._closed:
+                raise ApiUnavailable("client closed", origin=self.server)
+        where = f"GET {path}"
+        try:
+            method, url, headers, body, _ = self.api_client.param_serialize(
+                method="GET", resource_path=path, query_params=query,
+                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+            )
+            rest = self.api_client.call_api(method, url, header_params=headers, body=body,
+                                            _request_timeout=timeout)
+        except ApiException as exc:
+            raise self._classify(exc.status or 0, exc.body, where, exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiUnavailable(f"cannot reach the API server ({where}): {_one_line(exc)}",
+                                 origin=self.server) from exc
+        resp = rest.response
+        if not 200 <= resp.status <= 299:
+            try:
+                body_bytes = resp.data
+            except urllib3.exceptions.HTTPError:
+                body_bytes = b""
+            finally:
+                resp.release_conn()
+            raise self._classify(resp.status, body_bytes, where, None)
+        with self._lock:
+            self._open.add(resp)
+            self.peak_open = max(self.peak_open, len(self._open))
+        return resp
+
+    def _release(self, resp: Any) -> None:
+        with self._lock:
+            self._open.discard(resp)
+        with contextlib.suppress(Exception):
+            resp.release_conn()
+
+    def _lines(self, path: str, query: list[tuple[str, Any]], timeout: tuple[float, float],
+               *, partial: bool) -> Iterator[bytes]:
+        resp = self._request(path, query, timeout)
+        rest = b""
+        complete = False
+        try:
+            chunks = (resp.read_chunked(decode_content=True) if resp.chunked
+                      else iter(lambda: resp.read1(65536), b""))
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                data = rest + chunk
+                start = 0
+                while True:
+                    nl = data.find(b"\n", start)
+                    if nl < 0:
+                        break
+                    yield data[start:nl]
+                    start = nl + 1
+                rest = data[start:]
+            complete = True
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise StreamIdle(f"no data from {path} within the read timeout",
+                             origin=self.server) from exc
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise ApiUnavailable(f"stream {path} cut: {_one_line(exc)}",
+                                 origin=self.server) from exc
+        finally:
+            if not complete:
+                # Left early (an error event, the caller stopped reading): the connection
+                # holds unread data and must not go back to the pool.
+                with contextlib.suppress(Exception):
+                    resp.close()
+            self._release(resp)
+        with self._lock:
+            interrupted = self._closed
+        if interrupted:
+            raise ApiUnavailable(f"stream {path} interrupted", origin=self.server)
+        if rest and partial:
+            yield rest
+
+    def _classify(self, status: int, body: Any, where: str,
+                  exc: ApiException | None) -> InventoryError:
+        fake = exc or ApiException(status=status, reason="")
+        if exc is None:
+            fake.body = body
+        message = _status_message(fake) or f"HTTP {status}"
+        if status == 410:
+            return ResourceGone(f"{where}: {message}", origin=self.server)
+        if status == 404:
+            return NotFound(f"{where}: {message}", origin=self.server)
+        if status in (0, 429) or status >= 500:
+            return ApiUnavailable(f"{where} (HTTP {status}): {message}", origin=self.server,
+                                  hint="the API server is overloaded or restarting")
+        if status == 400 and "/log" in where:
+            # "container ... is waiting to start": the pod is not running yet.
+            return ApiUnavailable(f"{where} (HTTP 400): {message}", origin=self.server)
+        return _api_error(fake, self.server, where)

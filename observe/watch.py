@@ -1,0 +1,379 @@
+"""The inventory kept current by list+watch, as a time-indexed history.
+
+One loop per (resource, scope) of :data:`observe.kube.RESOURCES`: list (paginated) to get the
+state and its resourceVersion, then watch from it with bookmarks (``allowWatchBookmarks``), so
+a reconnect resumes exactly where the last event or bookmark left off. A watch the server ends
+(``timeoutSeconds``) is reopened at once; a dropped connection, a refused one or HTTP 429/5xx is
+retried after a :class:`Backoff`; a ``410 Gone`` (the resourceVersion was compacted away) lists
+again.
+
+History: every object goes through :meth:`observe.inventory.Inventory.add_object`, so pods keep
+their lifetimes (uid -> IPs from ``startTime`` to the end). A ``DELETED`` pod without a
+``deletionTimestamp`` ends when the event is seen (``clock``). A pod that vanished while the
+watch was down (found missing by the re-list) ends at the re-list time, or earlier at the start
+of a newer pod now holding one of its IPs: the reused address then resolves by time to the right
+workload. Deleted Services, ServiceAccounts, Namespaces and owners are kept (their last state):
+older flows still refer to them.
+
+Threads: one per (resource, scope): 10 for ``-A``, 10 per namespace with ``-n``. Memory: the
+inventory's records plus a compact copy of each live pod (for its end when it vanishes).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from observe.errors import InventoryError
+from observe.inventory import Inventory, _time
+from observe.kube import (
+    PAGE_SIZE,
+    RESOURCES,
+    ApiUnavailable,
+    KubeApi,
+    ResourceGone,
+    resource_path,
+)
+
+log = logging.getLogger(__name__)
+
+#: Seconds the server keeps one watch open (it closes it; the loop reopens at once).
+WATCH_TIMEOUT = 290
+#: Errors kept as samples in :class:`WatchStats`.
+MAX_SAMPLES = 10
+
+#: (kind, group/version, resource) of everything watched.
+WATCHED: tuple[tuple[str, str, str], ...] = tuple((k, g, r) for k, g, r, _, _ in RESOURCES)
+
+#: Called for every pod event: (``ADDED`` | ``MODIFIED`` | ``DELETED``, raw pod object).
+PodListener = Callable[[str, Mapping[str, Any]], None]
+
+
+@dataclass
+class Backoff:
+    """Reconnect delays: exponential from ``base`` up to ``cap`` seconds, with "equal jitter"
+    (a delay lies in [d/2, d]), reproducible with ``seed``. ``max_failures`` consecutive
+    failures (None: unbounded) make :meth:`next_delay` raise the caller's error."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    seed: int | None = None
+    max_failures: int | None = None
+    failures: int = 0
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def next_delay(self) -> float | None:
+        """The next delay, or None when ``max_failures`` is exhausted."""
+        self.failures += 1
+        if self.max_failures is not None and self.failures > self.max_failures:
+            return None
+        ceiling = min(self.cap, self.base * 2 ** (self.failures - 1))
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class WatchStats:
+    """What the watches did (for metrics and the report)."""
+
+    lists: int = 0
+    """Full lists (the first one per stream, then one per 410 Gone)."""
+    gone: int = 0
+    """410 Gone answers (resourceVersion compacted away)."""
+    reconnects: int = 0
+    """Watches reopened after an error (not counting server-side timeouts)."""
+    events: dict[str, int] = field(default_factory=dict)
+    """Events applied by type (ADDED, MODIFIED, DELETED, BOOKMARK)."""
+    vanished: int = 0
+    """Pods found gone by a re-list (deleted while the watch was down)."""
+    errors: list[str] = field(default_factory=list)
+    """A few error messages."""
+
+    def error(self, exc: Exception) -> None:
+        if len(self.errors) < MAX_SAMPLES:
+            self.errors.append(str(exc))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _compact_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The pod without what the inventory never reads (managedFields, conditions)."""
+    out = {k: v for k, v in obj.items() if k != "metadata" and k != "status"}
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    status = {k: v for k, v in (obj.get("status") or {}).items() if k != "conditions"}
+    out["metadata"], out["status"] = meta, status
+    return copy.deepcopy(out)
+
+
+class InventoryWatcher:
+    """Keeps an :class:`Inventory` current from the API (see the module doc).
+
+    ``namespaces`` None watches cluster-wide (``-A``). ``sleep`` waits between reconnects (the
+    default wakes up on :meth:`stop`); ``clock`` stamps deletions seen without a timestamp.
+    """
+
+    def __init__(self, api: KubeApi, *, namespaces: Sequence[str] | None = None,
+                 resources: Sequence[tuple[str, str, str]] = WATCHED,
+                 timeout_seconds: int = WATCH_TIMEOUT,
+                 backoff: Callable[[], Backoff] = Backoff,
+                 clock: Callable[[], datetime] = _utcnow,
+                 sleep: Callable[[float], None] | None = None,
+                 listeners: Iterable[PodListener] = ()) -> None:
+        self.api = api
+        self.namespaces = None if namespaces is None else sorted(set(namespaces))
+        self.resources = tuple(resources)
+        self.timeout_seconds = timeout_seconds
+        self.backoff = backoff
+        self.clock = clock
+        self.listeners = list(listeners)
+        self.stats = WatchStats()
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._inventory = Inventory()
+        self._changed = threading.Condition()
+        self._alive: dict[tuple[str, str | None], dict[str, dict[str, Any]]] = {}
+        self._versions: dict[tuple[str, str | None], str] = {}
+        self._threads: list[threading.Thread] = []
+        self._fatal: InventoryError | None = None
+
+    # -- public -----------------------------------------------------------------------------
+    def scopes(self) -> list[tuple[tuple[str, str, str], str | None]]:
+        """(resource, namespace or None) of every watch loop."""
+        ns_list: list[str | None] = [None] if self.namespaces is None else [*self.namespaces]
+        return [(res, ns) for res in self.resources for ns in ns_list]
+
+    def sync(self) -> None:
+        """List everything once (synchronously): the inventory is complete on return."""
+        for res, ns in self.scopes():
+            self._relist(res, ns)
+
+    def start(self) -> None:
+        """:meth:`sync`, then one watch thread per scope."""
+        self.sync()
+        for res, ns in self.scopes():
+            t = threading.Thread(target=self.run, args=(res, ns), daemon=True,
+                                 name=f"watch-{res[2]}-{ns or 'all'}")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loops (interrupting reads in progress) and wait for them."""
+        self._stop.set()
+        self.api.interrupt()
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def error(self) -> InventoryError | None:
+        """The error that ended a loop (forbidden, not found, back-off exhausted), if any."""
+        return self._fatal
+
+    def snapshot(self) -> Inventory:
+        """A copy of the inventory as of now (safe to use while the watches go on)."""
+        with self._changed:
+            return Inventory().merge(self._inventory)
+
+    def resource_version(self, resource: str, namespace: str | None = None) -> str | None:
+        """Where the watch of ``resource`` (``pods``...) stands."""
+        with self._changed:
+            return next((rv for (r, ns), rv in self._versions.items()
+                         if r == resource and ns == namespace), None)
+
+    def wait_for(self, predicate: Callable[[InventoryWatcher], bool],
+                 timeout: float) -> bool:
+        """Block until ``predicate(self)`` holds (checked after every change) or timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
+
+    # -- one loop ---------------------------------------------------------------------------
+    def run(self, res: tuple[str, str, str], ns: str | None) -> None:
+        """Watch one scope until :meth:`stop` (or a fatal error, kept in :attr:`error`)."""
+        backoff = self.backoff()
+        resource = res[2]
+        path, selector = self._path(res, ns)
+        while not self._stop.is_set():
+            try:
+                rv = self._versions.get((resource, ns))
+                if rv is None:
+                    self._relist(res, ns)
+                    continue
+                for event in self.api.watch(path, rv, timeout_seconds=self.timeout_seconds,
+                                            field_selector=selector):
+                    self._apply(res, ns, event)
+                    backoff.reset()
+                    if self._stop.is_set():
+                        return
+            except ResourceGone as exc:
+                log.info("%s: %s; listing again", path, exc)
+                with self._changed:
+                    self.stats.gone += 1
+                    self._versions.pop((resource, ns), None)
+                    self._changed.notify_all()
+            except ApiUnavailable as exc:
+                if self._stop.is_set():
+                    return
+                with self._changed:
+                    self.stats.reconnects += 1
+                    self.stats.error(exc)
+                    self._changed.notify_all()
+                delay = backoff.next_delay()
+                if delay is None:
+                    self._fail(InventoryError(
+                        f"watch {path}: giving up after {backoff.failures - 1} failures: "
+                        f"{exc.message}", origin=self.api.server,
+                        hint="is the API server reachable?"))
+                    return
+                log.warning("%s: %s; reconnecting in %.1fs", path, exc, delay)
+                self._sleep(delay)
+            except InventoryError as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: InventoryError) -> None:
+        with self._changed:
+            self.stats.error(exc)
+            self._fatal = self._fatal or exc
+            self._changed.notify_all()
+
+    def _path(self, res: tuple[str, str, str], ns: str | None) -> tuple[str, str | None]:
+        kind, group, resource = res
+        if kind == "Namespace":
+            return resource_path(group, resource), (f"metadata.name={ns}" if ns else None)
+        return resource_path(group, resource, ns), None
+
+    def _relist(self, res: tuple[str, str, str], ns: str | None) -> None:
+        """List the scope (paginated), apply it, end pods that vanished meanwhile."""
+        kind, _, resource = res
+        path, selector = self._path(res, ns)
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            query: list[tuple[str, Any]] = [("limit", PAGE_SIZE)]
+            if token:
+                query.append(("continue", token))
+            if selector:
+                query.append(("fieldSelector", selector))
+            try:
+                page = self.api.get_json(path, query)
+            except ResourceGone:
+                items, token = [], None  # continue token expired: start over
+                continue
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                break
+        now = self.clock()
+        origin = f"{self.api.server}{path}"
+        with self._changed:
+            self.stats.lists += 1
+            for obj in items:
+                self._inventory.add_object(obj, kind=kind, origin=origin)
+            ended = (self._reconcile_pods((resource, ns), items, now, origin)
+                     if kind == "Pod" else [])
+            self._versions[(resource, ns)] = str(meta.get("resourceVersion") or "0")
+            self._changed.notify_all()
+        for obj in ended:
+            self._notify("DELETED", obj)
+        if kind == "Pod":
+            for obj in items:
+                self._notify("ADDED", obj)
+
+    def _reconcile_pods(self, scope: tuple[str, str | None], items: list[dict[str, Any]],
+                        now: datetime, origin: str) -> list[dict[str, Any]]:
+        ended: list[dict[str, Any]] = []
+        alive = self._alive.setdefault(scope, {})
+        listed = {str((o.get("metadata") or {}).get("uid")): o for o in items}
+        starts_by_ip: dict[str, list[datetime]] = {}
+        for obj in items:
+            status = obj.get("status") or {}
+            start = _time(status.get("startTime")) or _time(
+                (obj.get("metadata") or {}).get("creationTimestamp"))
+            for ip in _ips(status):
+                if start is not None:
+                    starts_by_ip.setdefault(ip, []).append(start)
+        for uid in sorted(set(alive) - set(listed)):
+            gone = alive.pop(uid)
+            started = _time((gone.get("status") or {}).get("startTime"))
+            end = now
+            for ip in _ips(gone.get("status") or {}):
+                for s in starts_by_ip.get(ip, []):
+                    if (started is None or s > started) and s < end:
+                        end = s
+            self._end_pod(gone, end, origin)
+            ended.append(gone)
+            self.stats.vanished += 1
+        for uid, obj in listed.items():
+            if _ended(obj):
+                alive.pop(uid, None)
+            else:
+                alive[uid] = _compact_pod(obj)
+        return ended
+
+    def _end_pod(self, obj: dict[str, Any], end: datetime, origin: str) -> None:
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("deletionTimestamp"):
+            meta["deletionTimestamp"] = _rfc3339(end)
+        self._inventory.add_object(obj, kind="Pod", origin=origin)
+
+    def _apply(self, res: tuple[str, str, str], ns: str | None,
+               event: Mapping[str, Any]) -> None:
+        kind, _, resource = res
+        etype = str(event.get("type"))
+        obj = dict(event["object"])
+        meta = obj.get("metadata") or {}
+        origin = f"{self.api.server}{self._path(res, ns)[0]}"
+        with self._changed:
+            self.stats.events[etype] = self.stats.events.get(etype, 0) + 1
+            if etype in ("ADDED", "MODIFIED", "DELETED"):
+                if kind == "Pod":
+                    uid = str(meta.get("uid"))
+                    alive = self._alive.setdefault((resource, ns), {})
+                    if etype == "DELETED" and not meta.get("deletionTimestamp"):
+                        obj["metadata"] = {**meta,
+                                           "deletionTimestamp": _rfc3339(self.clock())}
+                    if etype == "DELETED" or _ended(obj):
+                        alive.pop(uid, None)
+                    else:
+                        alive[uid] = _compact_pod(obj)
+                self._inventory.add_object(obj, kind=kind, origin=origin)
+            rv = meta.get("resourceVersion")
+            if rv:
+                self._versions[(resource, ns)] = str(rv)
+            self._changed.notify_all()
+        if kind == "Pod" and etype in ("ADDED", "MODIFIED", "DELETED"):
+            self._notify(etype, obj)
+
+    def _notify(self, etype: str, obj: Mapping[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(etype, obj)
+
+
+def _ips(status: Mapping[str, Any]) -> list[str]:
+    ips = [str(e["ip"]) for e in status.get("podIPs") or [] if e and e.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [str(status["podIP"])]
+    return ips
+
+
+def _ended(obj: Mapping[str, Any]) -> bool:
+    meta = obj.get("metadata") or {}
+    phase = (obj.get("status") or {}).get("phase")
+    return bool(meta.get("deletionTimestamp")) or phase in ("Succeeded", "Failed")
