@@ -17,6 +17,10 @@ is not counted):
 - events lost: connections made vs records the tracer produced for them (client side and
   server side each), and bpftrace's own loss count.
 
+Both ends of every connection are on this machine, so the tracer joins them in the kernel
+and prints one line per connection (expanded into a client and a server record); a
+connection with its other end on another node costs one line too.
+
 Appends a dated entry to ``benchmarks/RESULTS.md``.
 """
 
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{per_conn_base:.1f} / {per_conn:.1f} µs |",
         f"| connections made / recorded client side / recorded server side | {made:,} / "
         f"{seen['outbound']:,} / {seen['inbound']:,} |",
+        f"| tracer lines for connections / of which local pairs / duplicate pair lines | "
+        f"{stats.events:,} / {stats.pairs:,} / {stats.duplicates:,} |",
         f"| events lost (bpftrace) / malformed lines | {stats.lost} / {stats.malformed} |",
         "",
         f"Target: <= {TARGET_SHARE:.0%} of one core at {args.rate:,.0f} connections/s, zero "

@@ -1,12 +1,12 @@
 """eBPF connection tracing: the kernel's TCP state changes -> connection flow records.
 
-Front end: Debian's ``bpftrace``, run as a subprocess with ``-f json``. Chosen over BCC's
-Python bindings because bpftrace compiles with its own embedded LLVM and reads struct layouts
-from the kernel's BTF (no kernel headers and no compiler on the node, one package, a small
-image), and a subprocess keeps a crashing or slow tracer out of meshwright's process. The
-program text is the constant :data:`PROGRAM` (not a ``.bt`` file): the parser below reads
-exactly the lines it prints, so the two are versioned together, and nothing has to be
-installed as package data.
+Front end: Debian's ``bpftrace``, run as a subprocess. Chosen over BCC's Python bindings
+because bpftrace compiles with its own embedded LLVM and reads struct layouts from the
+kernel's BTF (no kernel headers and no compiler on the node, one package, a small image),
+and a subprocess keeps a crashing or slow tracer out of meshwright's process. The program
+text is built by :func:`program` (not a ``.bt`` file): the parser below reads exactly the
+lines it prints (both come from one layout table, :data:`SIDE`), so the two are versioned
+together, and nothing has to be installed as package data.
 
 What the program does (all in the kernel, one output line per connection):
 
@@ -17,14 +17,28 @@ What the program does (all in the kernel, one output line per connection):
   the ``accept()``/``accept4()`` syscall exit instead (the returned fd -> ``struct socket`` ->
   ``struct sock``). Each state is OR-ed into a per-socket bit set, so the path is known
   at close without one line per change.
-- At ``CLOSE`` one line: socket, role, state bits, last state, ``sk_err`` (``ECONNREFUSED``
-  tells a refused attempt from one that got no answer), start/end times, process, addresses,
-  ports, and the byte counters the kernel keeps in ``struct tcp_sock`` (read through BTF):
-  ``bytes_acked`` (sent and acknowledged) and ``bytes_received``. Both count sequence
-  space, so the SYN (client side) and FIN are taken off: the FIN received when the socket
-  has ``SOCK_DONE``, the FIN sent when one was sent and everything is acknowledged.
+- Both ends on this machine (loopback, pods on the same node): when a server socket becomes
+  ESTABLISHED, the client socket with the mirrored 4-tuple is looked up in a map the
+  clients fill at their own ESTABLISHED (for loopback addresses the key also holds the
+  network namespace, since every pod has its own 127.0.0.1). The two sockets are paired:
+  the first to close leaves its close-time values in a map and prints nothing, the second
+  prints ONE line (``P``) with both sides. Half the output lines and half of bpftrace's
+  and meshwright's work for such connections. Unpaired sockets (the peer on another
+  machine, or reached through a service IP that NAT rewrote) print a ``C`` line at close.
+- A socket's fields at close: role, state bits, last state, ``sk_err`` (``ECONNREFUSED``
+  tells a refused attempt from one that got no answer), start/end times, process, and the
+  byte counters the kernel keeps in ``struct tcp_sock`` (read through BTF): ``bytes_acked``
+  (sent and acknowledged) and ``bytes_received``. Both count sequence space, so the SYN
+  (client side) and FIN are taken off: the FIN received when the socket has ``SOCK_DONE``,
+  the FIN sent when one was sent and everything is acknowledged.
+- Output is bpftrace's text mode with a fixed layout: every number in fixed-width hex,
+  addresses as raw integers (formatted once per distinct address here), the command name
+  padded to 16 bytes. Every line of a kind has the same length, so the parser cuts a whole
+  read of the pipe into a 2-D byte array with numpy and decodes columns, no Python per line.
+  (Measured: bpftrace's JSON mode and ``ntop()`` formatting cost it more per event.)
 - When the tracer stops, bpftrace prints its maps: connections established and still open
-  become records with ``tcp_end`` ``open`` (no byte counts: nothing read them).
+  become records with ``tcp_end`` ``open`` (no byte counts: nothing read them); a paired
+  socket that closed while its peer is still open becomes its closed record.
 
 What is and is not known:
 
@@ -39,11 +53,17 @@ What is and is not known:
   reported at close as ``midstream`` (their side guessed from the ephemeral port range);
   connections accepted through io_uring carry no server process. Without kernel BTF the
   program runs in a reduced form: no byte counts, refused and unanswered attempts are both
-  ``no-answer``, and servers carry no process (said once in :attr:`TraceStats.notes`).
+  ``no-answer``, servers carry no process, and local pairs are not joined (two lines),
+  said once in :attr:`TraceStats.notes`. A command name holding a newline breaks its
+  line: counted as malformed.
 
 Records are ``kind`` ``connection``, ``source`` ``ebpf``, ``origin`` ``ebpf:<node>:event <n>``
 (the n-th line the tracer printed). ``direction`` is ``outbound`` for the client's socket,
-``inbound`` for the server's; a connection between two local processes gives both.
+``inbound`` for the server's. The record format is one record per socket, as before the
+pairing: a connection between two local processes gives both an outbound and an inbound
+record (each with its own process, container and pod, so both pods are attributed and
+``learn`` sees each side as it would from two nodes); a ``P`` line is expanded into the
+two, which then share their ``origin``.
 """
 
 from __future__ import annotations
@@ -52,6 +72,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import re
@@ -68,8 +89,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from observe.cgroup import ContainerRef, ProcessCgroups, pods_by_uid
 from observe.errors import InputError
@@ -86,9 +107,10 @@ TRACEPOINT = "sock/inet_sock_set_state"
 #: Entries per bpftrace map (connections open at once); bpftrace's default is 4096.
 MAP_KEYS = 65536
 #: Pipe size asked for bpftrace's output, and the pause between reads (the pipe holds
-#: about 100 ms of output at 4,000 lines/s, so a 20 ms pause never blocks bpftrace).
+#: about 2 s of output at 2,000 local connections/s, so a 0.5 s pause never blocks
+#: bpftrace; reads of a quarter pipe or more are not followed by a pause).
 PIPE_BYTES = 1 << 20
-READ_PAUSE_S = 0.02
+READ_PAUSE_S = 0.5
 INSTALL_HINT = "install bpftrace (Debian/Ubuntu: apt-get install bpftrace)"
 
 # TCP states (include/net/tcp_states.h).
@@ -97,13 +119,138 @@ ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_W
 ROLE_CLIENT, ROLE_SERVER = 1, 2
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF, CAP_SYS_RESOURCE = 21, 38, 39, 24
 
-# One line per connection, printed at CLOSE (fields in this order; comm last, it may hold
-# spaces): C sk role statebits laststate sk_err start_ns end_ns pid cgroup saddr sport daddr
-# dport bytes_acked bytes_received extra comm. extra: bit 0 SOCK_DONE (the peer's FIN came),
-# bit 1 everything sent is acknowledged (snd_una == write_seq).
-_CLOSE_FMT = (
-    r'"C %llu %d %d %d %d %llu %llu %d %llu %s %d %s %d %llu %llu %d %s\n"'
-)
+# -- the program -----------------------------------------------------------------------------
+
+#: One socket's fields on an output line, in order: (name, width). ``comm`` is printed with
+#: ``%-16s`` (bpftrace strings hold 15 bytes here), every other field in fixed-width hex.
+#: ``word`` packs the small fields, see :data:`WORD`.
+SIDE: tuple[tuple[str, int], ...] = (
+    ("word", 8), ("start", 16), ("end", 16), ("pid", 8), ("cgroup", 16), ("acked", 16),
+    ("rcvd", 16), ("comm", 16))
+#: ``word`` bits: role (1 client, 2 server, 0 unknown: open before tracing), ``extra`` (bit
+#: 0 SOCK_DONE: the peer's FIN came; bit 1 everything sent is acknowledged), the last state
+#: before CLOSE, ``sk_err`` (low 8 bits), the set of states passed (bit n = state n), and
+#: ``nokernel`` (the reduced program: no kernel reads, err/extra/bytes meaningless).
+WORD = {"role": (0, 2), "extra": (2, 2), "last": (4, 4), "err": (8, 8), "bits": (16, 12),
+        "nokernel": (28, 1)}
+#: Addresses and ports of a line: IPv4 as the 32-bit value of the address's 4 bytes read
+#: little-endian, IPv6 as two 64-bit halves (bytes 0-7, 8-15, little-endian);
+#: ``ports`` = sport << 16 | dport. Local first (the socket that printed the line).
+ADDR4: tuple[tuple[str, int], ...] = (("slo", 8), ("dlo", 8), ("ports", 8))
+ADDR6: tuple[tuple[str, int], ...] = (
+    ("shi", 16), ("slo", 16), ("dhi", 16), ("dlo", 16), ("ports", 8))
+ADDRT: tuple[tuple[str, int], ...] = (("stext", 39), ("dtext", 39), ("ports", 8))
+#: Line kinds: prefix -> fields after it. ``C``: one socket; ``P``: a local pair, the
+#: socket that closed second first (its view of the addresses), then its peer.
+LAYOUTS: dict[bytes, tuple[tuple[str, int], ...]] = {
+    b"C4": ADDR4 + SIDE,
+    b"C6": ADDR6 + SIDE,
+    b"P4": ADDR4 + SIDE + tuple((f"{n}2", w) for n, w in SIDE),
+    b"P6": ADDR6 + SIDE + tuple((f"{n}2", w) for n, w in SIDE),
+    # The reduced program (no BTF): addresses as bpftrace's ntop() text, padded.
+    b"N4": ADDRT + SIDE,
+    b"N6": ADDRT + SIDE,
+}
+#: Fields printed as padded text (``%-Ns``), not hex.
+TEXT_FIELDS = frozenset({"comm", "comm2", "stext", "dtext"})
+
+
+def _fmt(prefix: bytes) -> str:
+    fields = LAYOUTS[prefix]
+    body = "".join(f" %-{w}s" if n in TEXT_FIELDS else f" %0{w}llx" for n, w in fields)
+    return f'"{prefix.decode()}{body}\\n"'
+
+
+def _addresses(btf: bool) -> str:
+    """bpftrace statements setting $v6, $sh, $sl, $dh, $dl (see :data:`ADDR6`) and $pt.
+
+    With BTF from ``struct sock`` (the tracepoint's own source). Without BTF only $pt: the
+    reduced program prints ``ntop()`` text (reading the tracepoint's IPv6 byte arrays one
+    by one makes LLVM merge the loads into an offset context pointer, which the verifier
+    refuses)."""
+    if btf:
+        c = "((struct sock *)$sk)->__sk_common"
+        v6 = [f"(uint64){c}.skc_v6_{'rcv_saddr' if s else 'daddr'}.in6_u.u6_addr32[{i}]"
+              for s in (1, 0) for i in range(4)]
+        body = f"""
+    if (args->family == 10) {{
+      $v6 = (uint64)1;
+      $sh = {v6[0]} | ({v6[1]} << 32);
+      $sl = {v6[2]} | ({v6[3]} << 32);
+      $dh = {v6[4]} | ({v6[5]} << 32);
+      $dl = {v6[6]} | ({v6[7]} << 32);
+    }} else {{
+      $v6 = (uint64)0; $sh = (uint64)0; $dh = (uint64)0;
+      $sl = (uint64){c}.skc_rcv_saddr; $dl = (uint64){c}.skc_daddr;
+    }}"""
+    else:
+        body = ""
+    return body + """
+    $pt = ((uint64)args->sport << 16) | (uint64)args->dport;"""
+
+
+# The pairing key's namespace part: the netns inode for loopback addresses (127/8, ::1,
+# ::ffff:127/104), else 0 (pod and node addresses are unique on a node; their two ends are
+# in different namespaces).
+_NETNS = """
+      $ns = (uint64)0;
+      if (($v6 == 0 && ($sl & 0xff) == 127) || ($v6 == 1 && $sh == 0 &&
+          ($sl == 0x0100000000000000 || (($sl & 0xffffffff) == 0xffff0000 &&
+                                         (($sl >> 32) & 0xff) == 127)))) {
+        $ns = (uint64)((struct sock *)$sk)->__sk_common.skc_net.net->ns.inum;
+      }"""
+_PAIR = _NETNS + """
+      if (@r[$sk] == 1) {
+        @e[$sh, $sl, $dh, $dl, $pt | ($v6 << 32), $ns] = $sk;
+      } else {
+        $c = @e[$dh, $dl, $sh, $sl, (((uint64)args->dport << 16) | (uint64)args->sport)
+                | ($v6 << 32), $ns];
+        if ($c) {
+          @q[$sk] = $c; @q[$c] = $sk;
+          delete(@e[$dh, $dl, $sh, $sl, (((uint64)args->dport << 16) | (uint64)args->sport)
+                    | ($v6 << 32), $ns]);
+        }
+      }"""
+_SIDE_ARGS = "$w, @t[$sk], nsecs, @p[$sk], @g[$sk], $acked, $rcvd, @m[$sk]"
+_PEER_ARGS = ("@w[$sk].0, @w[$sk].1, @w[$sk].2, @w[$sk].3, @w[$sk].4, @w[$sk].5, @w[$sk].6, "
+              "@wm[$sk]")
+_FORGET = ("delete(@t[{k}]); delete(@r[{k}]); delete(@p[{k}]); delete(@g[{k}]); "
+           "delete(@m[{k}]); delete(@f[{k}]); delete(@a[{k}]); delete(@q[{k}]); "
+           "delete(@w[{k}]); delete(@wm[{k}]);")
+# A paired socket closing leaves all its fields (and its own address, last) under its PEER's
+# address (@w, @wm): the peer is still open, so no new socket can have that address (its own
+# could: the kernel frees a socket at close and may reuse the memory at once). It then
+# looks for its peer's fields under its own address: found, it prints the pair. Writing
+# before looking means two sockets closing at the same moment on two CPUs cannot both miss
+# each other (both may print: the parser drops the second copy); a stale entry left for a
+# reused address names another peer and is ignored.
+_CLOSE_PAIRED = """
+    $q = @q[$sk];
+    if ($q) {
+      if (@w[$sk].7 != $q) {
+        @w[$q] = ($w, @t[$sk], nsecs, @p[$sk], @g[$sk], $acked, $rcvd, $sk);
+        @wm[$q] = @m[$sk];
+      }
+      if (@w[$sk].7 == $q) {
+        if ($v6) { printf(%(P6)s, $sh, $sl, $dh, $dl, $pt, %(SIDE)s, %(PEER)s); }
+        else { printf(%(P4)s, $sl, $dl, $pt, %(SIDE)s, %(PEER)s); }
+      }
+    } else {
+      if (@r[$sk] == 1) {%(NETNS)s
+        delete(@e[$sh, $sl, $dh, $dl, $pt | ($v6 << 32), $ns]);
+      }
+      %(PRINT_C)s
+    }"""
+_PRINT_C = """if ($v6) { printf(%(C6)s, $sh, $sl, $dh, $dl, $pt, %(SIDE)s); }
+      else { printf(%(C4)s, $sl, $dl, $pt, %(SIDE)s); }"""
+_PRINT_N = """if (args->family == 10) {
+        printf(%(N6)s, ntop(args->saddr_v6), ntop(args->daddr_v6), $pt, %(SIDE)s);
+      } else { printf(%(N4)s, ntop(args->saddr), ntop(args->daddr), $pt, %(SIDE)s); }"""
+_STORE_BTF = "@a[$sk] = ($sh, $sl, $dh, $dl, $pt | ($v6 << 32));"
+_STORE_NONE = """if (args->family == 10) {
+        @sa[$sk] = ntop(args->saddr_v6); @da[$sk] = ntop(args->daddr_v6);
+      } else { @sa[$sk] = ntop(args->saddr); @da[$sk] = ntop(args->daddr); }
+      @pt[$sk] = $pt;"""
 _PROGRAM_TEMPLATE = """
 BEGIN { printf("R\\n"); }
 tracepoint:sock:inet_sock_set_state
@@ -119,39 +266,28 @@ tracepoint:sock:inet_sock_set_state
     if ($new == 3) { @t[$sk] = nsecs; @r[$sk] = 2; @f[$sk] = 8; }
   } else if (@r[$sk]) {
     @f[$sk] = @f[$sk] | (1 << $new);
-    if ($new == 1) {
-      if (args->family == 2) {
-        @sa[$sk] = ntop(args->saddr); @da[$sk] = ntop(args->daddr);
-      } else {
-        @sa[$sk] = ntop(args->saddr_v6); @da[$sk] = ntop(args->daddr_v6);
-      }
-      @pt[$sk] = (args->sport << 16) | args->dport;
+    if ($new == 1) {%(ADDRESSES)s
+      %(STORE)s%(PAIR)s
     }
   }
   if ($new == 7 && $old != 10) {
-    %(KERNEL_READS)s
-    if (args->family == 2) {
-      printf(%(FMT)s, $sk, @r[$sk], @f[$sk], $old, $err, @t[$sk], nsecs, @p[$sk], @g[$sk],
-             ntop(args->saddr), args->sport, ntop(args->daddr), args->dport, $acked, $rcvd,
-             $x, @m[$sk]);
-    } else {
-      printf(%(FMT)s, $sk, @r[$sk], @f[$sk], $old, $err, @t[$sk], nsecs, @p[$sk], @g[$sk],
-             ntop(args->saddr_v6), args->sport, ntop(args->daddr_v6), args->dport, $acked,
-             $rcvd, $x, @m[$sk]);
-    }
-    delete(@t[$sk]); delete(@r[$sk]); delete(@p[$sk]); delete(@g[$sk]); delete(@m[$sk]);
-    delete(@f[$sk]); delete(@sa[$sk]); delete(@da[$sk]); delete(@pt[$sk]);
+    %(KERNEL_READS)s%(ADDRESSES)s
+    $w = @r[$sk] | ($x << 2) | ($old << 4) | (($err & 0xff) << 8) | (@f[$sk] << 16);
+    %(CLOSE)s
+    %(FORGET)s
   }
 }
 %(ACCEPT)s
+END { %(END)s }
 """
 _KERNEL_READS_BTF = """$s = (struct sock *)$sk;
     $tp = (struct tcp_sock *)$sk;
-    $err = $s->sk_err;
+    $err = (uint64)$s->sk_err;
     $acked = $tp->bytes_acked;
     $rcvd = $tp->bytes_received;
-    $x = ((%(SK_FLAGS)s >> 1) & 1) | ($tp->snd_una == $tp->write_seq ? 2 : 0);"""
-_KERNEL_READS_NONE = "$err = -1; $acked = (uint64)0; $rcvd = (uint64)0; $x = -1;"
+    $x = (uint64)(((%(SK_FLAGS)s >> 1) & 1) | ($tp->snd_una == $tp->write_seq ? 2 : 0));"""
+_KERNEL_READS_NONE = ("$err = (uint64)0; $acked = (uint64)0; $rcvd = (uint64)0; "
+                      "$x = (uint64)0; $nokernel = (uint64)1 << 28;")
 _ACCEPT_BTF = """
 tracepoint:syscalls:sys_exit_accept4, tracepoint:syscalls:sys_exit_accept
 /args->ret >= 0/
@@ -171,12 +307,33 @@ SK_FLAGS_OLD, SK_FLAGS_NEW = "$s->sk_flags", "$s->__sk_common.skc_flags"
 def program(*, btf: bool = True, sk_flags: str = SK_FLAGS_NEW) -> str:
     """The bpftrace program; ``btf=False`` is the reduced form for kernels without BTF,
     ``sk_flags`` the expression reading ``struct sock``'s flags (:func:`sk_flags_field`)."""
-    reads = _KERNEL_READS_BTF % {"SK_FLAGS": sk_flags} if btf else _KERNEL_READS_NONE
-    return _PROGRAM_TEMPLATE % {
-        "FMT": _CLOSE_FMT,
+    fmts = {k.decode(): _fmt(k) for k in LAYOUTS}
+    print_c = _PRINT_C % {**fmts, "SIDE": _SIDE_ARGS}
+    if btf:
+        close = _CLOSE_PAIRED % {**fmts, "SIDE": _SIDE_ARGS, "PEER": _PEER_ARGS,
+                                 "PRINT_C": print_c,
+                                 "NETNS": _NETNS.replace("\n      ", "\n          ")}
+        reads = _KERNEL_READS_BTF % {"SK_FLAGS": sk_flags}
+        pair = _PAIR
+    else:
+        close, pair = _PRINT_N % {**fmts, "SIDE": _SIDE_ARGS}, ""
+        reads = _KERNEL_READS_NONE
+    text = _PROGRAM_TEMPLATE % {
+        "ADDRESSES": _addresses(btf),
+        "STORE": _STORE_BTF if btf else _addresses(False) + "\n      " + _STORE_NONE,
+        "PAIR": pair,
         "KERNEL_READS": reads,
+        "CLOSE": close,
+        "FORGET": _FORGET.format(k="$sk"),
         "ACCEPT": _ACCEPT_BTF if btf else "",
+        "END": "clear(@e); clear(@f); clear(@q);" if btf else "clear(@f);",
     }
+    if not btf:
+        text = text.replace("(($err & 0xff) << 8)", "(($err & 0xff) << 8) | $nokernel")
+        text = text.replace("delete(@a[$sk]); delete(@q[$sk]); delete(@w[$sk]); "
+                            "delete(@wm[$sk]);",
+                            "delete(@sa[$sk]); delete(@da[$sk]); delete(@pt[$sk]);")
+    return text
 
 
 def sk_flags_field(bpftrace: str = "bpftrace") -> str:
@@ -209,9 +366,13 @@ class TraceStats:
     """What the tracer saw, for the observe summary."""
 
     lines: int = 0
-    """Lines the tracer printed (JSON objects)."""
+    """Lines the tracer printed (not counting blank ones)."""
     events: int = 0
-    """Connection lines (one per closed socket)."""
+    """Connection lines (one per closed socket, or per local pair of sockets)."""
+    pairs: int = 0
+    """Connection lines holding both ends of a local connection (two records each)."""
+    duplicates: int = 0
+    """Second copies of a pair line (both sockets closed at once), dropped."""
     connections: int = 0
     """Connection records produced (closed and still open at the stop)."""
     refused: int = 0
@@ -342,8 +503,25 @@ _ROW_KEYS = (
 #: Columns with one value on every eBPF record (built once per batch, not per row).
 _CONSTANT = {"transport": "tcp", "protocol": "tcp", "mtls": "unknown", "source": SOURCE_EBPF,
              "kind": KIND_CONNECTION, "denied": False}
-_MAPS = ("@t", "@r", "@p", "@g", "@m", "@f", "@sa", "@da", "@pt")
+#: Per-socket columns decoded from a line (one side of it), see ``TraceParser._add``.
+_SOCK_KEYS = ("line", "num", "dump", "word", "start", "end", "pid", "cgroup", "acked", "rcvd",
+              "comm", "v6", "lhi", "llo", "rhi", "rlo", "lport", "rport", "open")
 _U64 = (1 << 64) - 1
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+_MAP_LINE = re.compile(rb"@(\w+)\[(-?\d+)\]: (.*?)(?=@\w+\[-?\d+\]: |$)", re.S)
+
+
+def _offsets(fields: tuple[tuple[str, int], ...]) -> dict[str, tuple[int, int]]:
+    out, pos = {}, 2
+    for name, width in fields:
+        out[name] = (pos + 1, pos + 1 + width)
+        pos += 1 + width
+    return out
+
+
+_CUTS = {k: (_offsets(v), 2 + sum(1 + w for _, w in v)) for k, v in LAYOUTS.items()}
 
 
 def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
@@ -360,8 +538,58 @@ def _ip(text: str) -> str:
     return text[7:] if text.startswith("::ffff:") and "." in text else text
 
 
+def _ip_text(v6: int, hi: int, lo: int) -> str:
+    if not v6:
+        return str(ipaddress.IPv4Address(int(lo).to_bytes(4, "little")))
+    addr = ipaddress.IPv6Address(int(hi).to_bytes(8, "little") + int(lo).to_bytes(8, "little"))
+    # An IPv6 socket talking IPv4 has ::ffff:a.b.c.d; packet evidence shows a.b.c.d.
+    return str(addr.ipv4_mapped or addr)
+
+
+def _ip_ints(text: str) -> tuple[int, int, int]:
+    """(v6, hi, lo) of an address text, as the BTF program prints it."""
+    addr = ipaddress.ip_address(text)
+    raw = addr.packed
+    if addr.version == 4:
+        return 0, 0, int.from_bytes(raw, "little")
+    return 1, int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
+def _hex(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of fixed-width hex fields (rows of ASCII), and which rows were valid."""
+    nib = _HEX[block]
+    ok = (nib != 255).all(axis=1)
+    width = block.shape[1]
+    shifts = (4 * np.arange(width - 1, -1, -1)).astype(np.uint64)
+    return (nib.astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64), ok
+
+
+def _distinct(block: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+    """Distinct rows of a 2-D array (by their bytes, hashed by Arrow, not sorted):
+    (index per row, each distinct row's bytes)."""
+    block = np.ascontiguousarray(block)
+    n = block.shape[0]
+    width = block.nbytes // n if n else 1
+    arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n,
+                                               [None, pa.py_buffer(block.tobytes())])
+    codes = pc.dictionary_encode(arr)
+    return (codes.indices.to_numpy().astype(np.intp),
+            codes.dictionary.to_pylist())
+
+
+def _texts(block: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Distinct texts of a fixed-width text field: (index per row, texts)."""
+    index, raw = _distinct(block)
+    return index, [u.decode("utf-8", "replace").rstrip(" ") for u in raw]
+
+
+def _labels(choice: np.ndarray, labels: tuple[str, ...]) -> pa.Array:
+    """Strings by index (the few values a column takes), without a Python object per row."""
+    return pa.array(labels, pa.string()).take(pa.array(choice.astype(np.int8)))
+
+
 class TraceParser:
-    """Turns the tracer's JSON lines into flow records (feed lines, take batches).
+    """Turns the tracer's output into flow records (feed chunks, take batches).
 
     ``boot_offset_ns`` converts the kernel's monotonic clock to wall-clock time;
     ``cgroups`` places processes in containers; ``pods`` maps pod UIDs to ``<ns>/<pod>``
@@ -378,183 +606,352 @@ class TraceParser:
         self.pods = pods or {}
         self.ports = ports or ephemeral_ports()
         self.stats = stats if stats is not None else TraceStats()
-        self.rows: dict[str, list[object]] = {k: [] for k in _ROW_KEYS}
-        self._maps: dict[str, dict[int, object]] = {}
+        self._parts: list[pa.Table] = []
+        self._pending = 0
+        self._maps: dict[str, dict[int, bytes]] = {}
+        self._tail = b""
+        self._pairs_seen: dict[tuple[int, int, int, int], None] = {}
         self.attached = False
         """True once bpftrace reported its probes attached."""
 
     @property
     def pending(self) -> int:
         """Records parsed and not yet taken."""
-        return len(self.rows["time"])
+        return self._pending
 
-    def feed(self, lines: Iterable[bytes]) -> None:
-        """Parse lines (without or with their newline)."""
-        for raw in lines:
-            line = raw.strip()
-            if not line:
+    def feed(self, data: bytes | Iterable[bytes]) -> None:
+        """Parse output: a chunk of bytes (a partial last line is kept for the next call),
+        or lines (with or without their newline)."""
+        if not isinstance(data, bytes | bytearray):
+            data = b"\n".join(line.rstrip(b"\n") for line in data) + b"\n"
+        data = self._tail + bytes(data)
+        cut = data.rfind(b"\n")
+        self._tail = data[cut + 1:]
+        if cut >= 0:
+            self._chunk(data[:cut + 1])
+
+    def _chunk(self, data: bytes) -> None:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        ends = np.flatnonzero(buf == 10)
+        starts = np.empty_like(ends)
+        starts[:1] = 0
+        starts[1:] = ends[:-1] + 1
+        lengths = ends - starts
+        # Line numbers: blank lines are not counted (as bpftrace's map dump has some).
+        nonblank = lengths > 0
+        numbers = self.stats.lines + np.cumsum(nonblank)
+        self.stats.lines += int(nonblank.sum())
+        first = np.where(nonblank, buf[np.minimum(starts, len(buf) - 1)], 0)
+        second = np.where(lengths > 1, buf[np.minimum(starts + 1, len(buf) - 1)], 0)
+        done = ~nonblank
+        sides: list[dict[str, np.ndarray]] = []
+        for prefix, (cuts, width) in _CUTS.items():
+            mine = (lengths == width) & (first == prefix[0]) & (second == prefix[1])
+            if not mine.any():
                 continue
-            self.stats.lines += 1
-            n = self.stats.lines
-            try:
-                obj = orjson.loads(line)
-                kind = obj["type"]
-                data = obj["data"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                lost = _LOST_TEXT.search(line)
-                if lost:
-                    self.stats.lost += int(lost.group(1))
-                else:
-                    self.stats.malformed += 1
-                continue
-            if kind == "printf":
-                if data == "R\n":
-                    self.attached = True
-                elif not (isinstance(data, str) and self._close_line(data, n)):
-                    self.stats.malformed += 1
-            elif kind == "lost_events":
+            done |= mine
+            rows = buf[starts[mine][:, None] + np.arange(width)]
+            sides.extend(self._decode(prefix, cuts, rows, numbers[mine]))
+        if sides:
+            self._add({k: np.concatenate([s[k] for s in sides]) for k in _SOCK_KEYS})
+        for i in np.flatnonzero(~done):
+            self._other(data[starts[i]:ends[i]])
+
+    def _decode(self, prefix: bytes, cuts: dict[str, tuple[int, int]], rows: np.ndarray,
+                numbers: np.ndarray) -> list[dict[str, np.ndarray]]:
+        sep = np.array([a - 1 for a, _ in cuts.values()])
+        ok = (rows[:, sep] == 32).all(axis=1)
+        vals: dict[str, np.ndarray] = {}
+        texts: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for name, (a, b) in cuts.items():
+            if name in TEXT_FIELDS:
+                texts[name] = _texts(rows[:, a:b])
+            else:
+                vals[name], good = _hex(rows[:, a:b])
+                ok &= good
+        n = len(rows)
+        v6 = np.full(n, prefix[1] == ord("6"))
+        if prefix[0] == ord("N"):  # addresses as text: to the BTF program's integers
+            for end in ("s", "d"):
+                index, words = texts.pop(f"{end}text")
                 try:
-                    self.stats.lost += int(data["events"])
-                except (KeyError, TypeError, ValueError):
-                    self.stats.malformed += 1
-            elif kind == "attached_probes":
-                pass  # printed before attaching; the BEGIN line "R" comes after
-            elif kind == "map" and isinstance(data, dict):
-                for name, values in data.items():
-                    if name in _MAPS and isinstance(values, dict):
+                    ints = np.array([_ip_ints(w) for w in words], dtype=np.uint64).reshape(-1, 3)
+                except ValueError:
+                    ints = np.zeros((len(words), 3), dtype=np.uint64)
+                    for j, w in enumerate(words):
                         try:
-                            self._maps[name] = {int(k) & _U64: v for k, v in values.items()}
+                            ints[j] = _ip_ints(w)
                         except ValueError:
-                            self.stats.malformed += 1
-            # other types (time, join, ...) are not printed by this program: ignored
+                            ok &= index != j
+                vals[f"{end}hi"], vals[f"{end}lo"] = ints[index, 1], ints[index, 2]
+                v6 = ints[index, 0].astype(bool)
+        self.stats.malformed += int((~ok).sum())
+        if not ok.all():
+            vals = {k: v[ok] for k, v in vals.items()}
+            texts = {k: (i[ok], t) for k, (i, t) in texts.items()}
+            numbers, v6 = numbers[ok], v6[ok]
+            n = int(ok.sum())
+        self.stats.events += n
+        zero = np.zeros(n, dtype=np.uint64)
+        shi, dhi = vals.get("shi", zero), vals.get("dhi", zero)
+        ports = vals["ports"]
+        lport, rport = (ports >> np.uint64(16)) & np.uint64(0xFFFF), ports & np.uint64(0xFFFF)
+        out = []
+        for suffix, swap in (("", False), ("2", True)):
+            if f"word{suffix}" not in vals:
+                break
+            cidx, cwords = texts[f"comm{suffix}"]
+            side = {
+                "line": numbers, "num": numbers, "dump": np.zeros(n, dtype=bool), "v6": v6,
+                "lhi": dhi if swap else shi, "llo": vals["dlo"] if swap else vals["slo"],
+                "rhi": shi if swap else dhi, "rlo": vals["slo"] if swap else vals["dlo"],
+                "lport": rport if swap else lport, "rport": lport if swap else rport,
+                "comm": np.array(cwords, dtype=object)[cidx] if n else np.array([], object),
+                "open": np.zeros(n, dtype=bool),
+            }
+            for key in ("word", "start", "end", "pid", "cgroup", "acked", "rcvd"):
+                side[key] = vals[f"{key}{suffix}"]
+            out.append(side)
+        if len(out) == 2:  # a pair both of whose sockets printed it (see _CLOSE_PAIRED)
+            first = self._first_copies(out)
+            self.stats.pairs += int(first.sum())
+            if not first.all():
+                self.stats.events -= int((~first).sum())
+                out = [{k: v[first] for k, v in side.items()} for side in out]
+        return out
 
-    def _close_line(self, data: str, n: int) -> bool:
-        parts = data.rstrip("\n").split(" ", 17)
-        if len(parts) < 17 or parts[0] != "C":
-            return False
-        try:
-            int(parts[1])  # the socket's address: a number, or not this program's line
-            role, bits, last, err = int(parts[2]), int(parts[3]), int(parts[4]), int(parts[5])
-            start, end, pid, cgid = int(parts[6]), int(parts[7]), int(parts[8]), int(parts[9])
-            laddr, lport, raddr, rport = parts[10], int(parts[11]), parts[12], int(parts[13])
-            acked, rcvd, extra = int(parts[14]), int(parts[15]), int(parts[16])
-        except ValueError:
-            return False
-        comm = parts[17] if len(parts) > 17 else ""
-        self.stats.events += 1
-        btf = err >= 0
-        established = bool(bits & (1 << ESTABLISHED))
-        if role == 0:
-            state = "midstream"
-            self.stats.midstream += 1
-        elif established:
-            state = "established"
-        elif btf and role == ROLE_CLIENT and err == ECONNREFUSED:
-            state = "refused"
-        else:
-            state = "no-answer"
-        if state == "refused":
-            end_how = "rst"
-        elif state == "no-answer" or (btf and err == ETIMEDOUT):
-            end_how = "timeout"
-        elif (btf and err in (ECONNRESET, EPIPE)) or last in (ESTABLISHED, CLOSE_WAIT,
-                                                                SYN_RECV):
-            end_how = "rst"
-        else:
-            end_how = "fin"
-        sent = received = None
-        if btf:
-            fin_sent = bool(bits & ((1 << FIN_WAIT1) | (1 << LAST_ACK) | (1 << CLOSING)))
-            syn = 1 if role == ROLE_CLIENT and established else 0
-            sent = max(acked - syn - (1 if fin_sent and extra & 2 else 0), 0)
-            received = max(rcvd - (extra & 1), 0)
-        if role == 0:
-            # Side unknown: the local port in the ephemeral range makes us the client.
-            lo, hi = self.ports
-            role_side = ROLE_CLIENT if lo <= lport <= hi and not lo <= rport <= hi else (
-                ROLE_SERVER if lo <= rport <= hi else ROLE_CLIENT)
-            time_ns, duration = end, None
-        else:
-            role_side = role
-            time_ns, duration = start, (end - start) // 1_000_000
-        self._add(role_side, _ip(laddr), lport, _ip(raddr), rport, time_ns, duration,
-                  sent, received, state, end_how, pid, cgid, comm, f"event {n}")
-        return True
+    def _first_copies(self, sides: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Which pair lines were not printed before (by the other socket of the pair)."""
+        a, b = sides
+        keep = np.ones(len(a["line"]), dtype=bool)
+        seen = self._pairs_seen
+        for i, key in enumerate(zip(np.minimum(a["start"], b["start"]).tolist(),
+                                    np.maximum(a["start"], b["start"]).tolist(),
+                                    np.minimum(a["lport"], b["lport"]).tolist(),
+                                    np.maximum(a["lport"], b["lport"]).tolist(), strict=True)):
+            if key in seen:
+                keep[i] = False
+                self.stats.duplicates += 1
+            else:
+                seen[key] = None
+        while len(seen) > 65536:
+            del seen[next(iter(seen))]
+        return keep
 
-    def _add(self, role: int, laddr: str, lport: int, raddr: str, rport: int, time_ns: int,
-             duration: int | None, sent: int | None, received: int | None, state: str,
-             end_how: str, pid: int, cgid: int, comm: str, where: str) -> None:
-        client = role == ROLE_CLIENT
-        ref: ContainerRef | None = None
-        if self.cgroups is not None and (pid > 0 or cgid > 1):
-            ref = self.cgroups.lookup(pid, cgid)
-        reporter = None
-        if ref is not None:
-            self.stats.attributed += 1
-            if ref.pod_uid is not None:
-                reporter = self.pods.get(ref.pod_uid)
-                if reporter is not None:
-                    self.stats.pods += 1
-        src = (laddr, lport) if client else (raddr, rport)
-        dst = (raddr, rport) if client else (laddr, lport)
-        row = self.rows
-        row["time"].append((time_ns + self.boot_offset_ns) // 1000)
-        row["duration_ms"].append(duration)
-        row["src_ip"].append(src[0])
-        row["src_port"].append(src[1])
-        row["dst_ip"].append(dst[0])
-        row["dst_port"].append(dst[1])
-        row["direction"].append("outbound" if client else "inbound")
-        row["reporter"].append(reporter)
-        row["bytes_in"].append(sent if client else received)
-        row["bytes_out"].append(received if client else sent)
-        row["origin"].append(f"ebpf:{self.node}:{where}")
-        row["tcp_state"].append(state)
-        row["tcp_end"].append(end_how)
-        row["pid"].append(pid if pid > 0 else None)
-        row["comm"].append(comm or None)
-        row["container_id"].append(ref.container_id if ref is not None else None)
-        row["pod_uid"].append(ref.pod_uid if ref is not None else None)
-        self.stats.connections += 1
-        if state == "refused":
-            self.stats.refused += 1
-        elif state == "no-answer":
-            self.stats.no_answer += 1
+    def _other(self, line: bytes) -> None:
+        """A line that is not a connection line: start marker, loss report, map dump."""
+        text = line.strip()
+        if text == b"R":
+            self.attached = True
+            return
+        if text.startswith(b"Attaching ") and text.endswith(b"probes..."):
+            return
+        lost = _LOST_TEXT.search(text)
+        if lost:
+            self.stats.lost += int(lost.group(1))
+            return
+        if text.startswith(b"@"):
+            found = False
+            for m in _MAP_LINE.finditer(text):
+                self._maps.setdefault(m.group(1).decode(), {})[int(m.group(2)) & _U64] = \
+                    m.group(3)
+                found = True
+            if found:
+                return
+        self.stats.malformed += 1
+
+    def _add(self, s: dict[str, np.ndarray]) -> None:
+        """Records of decoded sockets (the columns of :data:`_SOCK_KEYS`)."""
+        n = len(s["line"])
+        if n == 0:
+            return
+        word = s["word"].astype(np.int64)
+
+        def bitfield(name: str) -> np.ndarray:
+            shift, width = WORD[name]
+            return (word >> shift) & ((1 << width) - 1)
+
+        role, extra, last, err = bitfield("role"), bitfield("extra"), bitfield("last"), \
+            bitfield("err")
+        bits, kernel = bitfield("bits"), bitfield("nokernel") == 0
+        is_open = s["open"]
+        established = (bits & (1 << ESTABLISHED)) != 0
+        midstream = role == 0
+        refused = ~midstream & ~established & kernel & (role == ROLE_CLIENT) & (
+            err == ECONNREFUSED)
+        no_answer = ~midstream & ~established & ~refused
+        state = _labels(np.select([midstream, established | is_open, refused], [0, 1, 2], 3),
+                        ("midstream", "established", "refused", "no-answer"))
+        rst = kernel & np.isin(err, (ECONNRESET, EPIPE)) | np.isin(last, (
+            ESTABLISHED, CLOSE_WAIT, SYN_RECV))
+        timeout = no_answer | (kernel & (err == ETIMEDOUT))
+        end_how = _labels(np.select([is_open, refused, timeout, rst], [0, 1, 2, 1], 3),
+                          ("open", "rst", "timeout", "fin"))
+        fin_sent = (bits & ((1 << FIN_WAIT1) | (1 << LAST_ACK) | (1 << CLOSING))) != 0
+        syn = ((role == ROLE_CLIENT) & established).astype(np.int64)
+        acked, rcvd = s["acked"].astype(np.int64), s["rcvd"].astype(np.int64)
+        sent = np.maximum(acked - syn - (fin_sent & ((extra & 2) != 0)), 0)
+        received = np.maximum(rcvd - (extra & 1), 0)
+        no_bytes = ~kernel | is_open
+        lport = s["lport"].astype(np.int64)
+        rport = s["rport"].astype(np.int64)
+        lo, hi = self.ports
+        eph_l = (lport >= lo) & (lport <= hi)
+        eph_r = (rport >= lo) & (rport <= hi)
+        guessed = np.where(eph_l & ~eph_r, ROLE_CLIENT, np.where(eph_r, ROLE_SERVER,
+                                                                 ROLE_CLIENT))
+        client = np.where(midstream, guessed, role) == ROLE_CLIENT
+        start, end = s["start"].astype(np.int64), s["end"].astype(np.int64)
+        time_ns = np.where(midstream, end, start)
+        duration = (end - start) // 1_000_000
+        no_duration = midstream | is_open
+
+        # Addresses: formatted once per distinct address.
+        v6 = s["v6"].astype(np.uint64)
+        addr = np.concatenate([np.stack([v6, s["lhi"], s["llo"]], axis=1),
+                               np.stack([v6, s["rhi"], s["rlo"]], axis=1)])
+        inverse, uniq = _distinct(addr)
+        names = pa.array([_ip_text(*np.frombuffer(u, dtype=np.uint64).tolist()) for u in uniq],
+                         pa.string())
+        local, remote = inverse[:n], inverse[n:]
+        src = np.where(client, local, remote)
+        dst = np.where(client, remote, local)
+
+        # Processes: container and pod once per distinct (pid, cgroup id).
+        pid, cgid = s["pid"].astype(np.int64), s["cgroup"].astype(np.int64)
+        pc_inv, pc_raw = _distinct(np.stack([pid, cgid], axis=1))
+        refs: list[ContainerRef | None] = []
+        for p, g in (np.frombuffer(u, dtype=np.int64).tolist() for u in pc_raw):
+            ref = None
+            if self.cgroups is not None and (p > 0 or g > 1):
+                ref = self.cgroups.lookup(p, g)
+            refs.append(ref)
+        container = pa.array([r.container_id if r else None for r in refs], pa.string())
+        pod_uid = pa.array([r.pod_uid if r else None for r in refs], pa.string())
+        reporter = pa.array([self.pods.get(r.pod_uid) if r and r.pod_uid else None
+                             for r in refs], pa.string())
+        idx = pa.array(pc_inv)
+        attributed = np.array([r is not None for r in refs], dtype=bool)[pc_inv]
+        in_pod = np.array([bool(r and r.pod_uid and r.pod_uid in self.pods) for r in refs],
+                          dtype=bool)[pc_inv]
+
+        kind = np.where(s["dump"].astype(bool), np.where(is_open, 0, 1), 2)
+        origin = pc.binary_join_element_wise(
+            _labels(kind, tuple(f"ebpf:{self.node}:{k}" for k in ("open", "exit", "event"))),
+            pc.cast(pa.array(s["num"].astype(np.int64)), pa.string()), " ")
+        comm = s["comm"]
+        table = pa.table({
+            "time": pa.array((time_ns + self.boot_offset_ns) // 1000, pa.int64()),
+            "duration_ms": pa.array(duration, pa.int64(), mask=no_duration),
+            "src_ip": names.take(pa.array(src)),
+            "src_port": pa.array(np.where(client, lport, rport)),
+            "dst_ip": names.take(pa.array(dst)),
+            "dst_port": pa.array(np.where(client, rport, lport)),
+            "direction": _labels(~client, ("outbound", "inbound")),
+            "reporter": reporter.take(idx),
+            "bytes_in": pa.array(np.where(client, sent, received), pa.int64(), mask=no_bytes),
+            "bytes_out": pa.array(np.where(client, received, sent), pa.int64(),
+                                  mask=no_bytes),
+            "origin": origin,
+            "tcp_state": state,
+            "tcp_end": end_how,
+            "pid": pa.array(pid, pa.int64(), mask=pid <= 0),
+            "comm": pa.array(comm, pa.string(), mask=comm == ""),
+            "container_id": container.take(idx),
+            "pod_uid": pod_uid.take(idx),
+            # Order: by line, the client's record before the server's.
+            "_order": pa.array(s["line"].astype(np.int64) * 2 + ~client),
+        })
+        self._parts.append(table)
+        self._pending += n
+        st = self.stats
+        st.connections += n
+        st.refused += int(refused.sum())
+        st.no_answer += int(no_answer.sum())
+        st.midstream += int(midstream.sum())
+        st.attributed += int(attributed.sum())
+        st.pods += int(in_pod.sum())
 
     def finish(self) -> None:
-        """Records for connections open when the tracer stopped (from its map dump)."""
-        maps = self._maps
-        starts = maps.get("@t", {})
-        addrs = maps.get("@sa", {})
+        """Records from bpftrace's map dump at exit: connections still open, and a local
+        pair's socket that closed while its peer stayed open."""
+        if self._tail:
+            self.feed(b"\n")
+        maps, self._maps = self._maps, {}
+        starts = maps.get("t", {})
+        got: dict[str, list[object]] = {k: [] for k in _SOCK_KEYS}
         k = 0
-        for sk in sorted(starts, key=lambda k: (int(str(starts[k])), k)):
-            if sk not in addrs:
-                self.stats.pending_at_stop += 1
-                continue
+        order: dict[int, int] = {}
+        for sk, started in starts.items():
             try:
-                role = int(str(maps.get("@r", {}).get(sk, 0)))
-                ports = int(str(maps.get("@pt", {}).get(sk, 0)))
-                laddr, raddr = str(addrs[sk]), str(maps.get("@da", {}).get(sk, ""))
-                pid = int(str(maps.get("@p", {}).get(sk, 0)))
-                cgid = int(str(maps.get("@g", {}).get(sk, 0)))
-                start = int(str(starts[sk]))
+                order[sk] = int(started)
             except ValueError:
                 self.stats.malformed += 1
+        for sk in sorted(order, key=lambda key: (order[key], key)):
+            try:
+                if "a" in maps:  # BTF program: (shi, slo, dhi, dlo, ports | v6 << 32)
+                    if sk not in maps["a"]:
+                        self.stats.pending_at_stop += 1
+                        continue
+                    shi, slo, dhi, dlo, pv = (int(x) & _U64 for x in
+                                              maps["a"][sk].strip(b"()").split(b","))
+                    v6 = pv >> 32
+                elif sk in maps.get("sa", {}):
+                    v6, shi, slo = _ip_ints(maps["sa"][sk].strip().decode())
+                    _, dhi, dlo = _ip_ints(maps["da"][sk].strip().decode())
+                    pv = int(maps["pt"][sk])
+                else:
+                    self.stats.pending_at_stop += 1
+                    continue
+                start = int(starts[sk])
+                word = int(maps.get("r", {}).get(sk, 0)) | 1 << (16 + ESTABLISHED)
+                pid = int(maps.get("p", {}).get(sk, 0))
+                cgid = int(maps.get("g", {}).get(sk, 0))
+                # The peer of a local pair that closed first: its fields, kept under sk.
+                closed = maps.get("w", {}).get(sk)
+                peer = [int(x) for x in closed.strip(b"()").split(b",")] if closed else None
+                if peer is not None:
+                    if len(peer) != 8:
+                        raise ValueError(closed)
+                    peer = peer[:7]  # the 8th: the peer's own address
+            except (ValueError, KeyError):
+                self.stats.malformed += 1
                 continue
-            comm = str(maps.get("@m", {}).get(sk, ""))
+            comm = maps.get("m", {}).get(sk, b"").strip().decode("utf-8", "replace")
+            sides: list[tuple[object, ...]] = [(
+                word, start, start, pid, cgid, 0, 0, comm, True, shi, slo, dhi, dlo,
+                pv >> 16 & 0xFFFF, pv & 0xFFFF)]
             self.stats.open_at_stop += 1
-            k += 1
-            self._add(role, _ip(laddr), ports >> 16, _ip(raddr), ports & 0xFFFF, start, None,
-                      None, None, "established", "open", pid, cgid, comm, f"open {k}")
-        self._maps = {}
+            if peer is not None:
+                pcomm = maps.get("wm", {}).get(sk, b"").strip().decode("utf-8", "replace")
+                sides.append((*peer, pcomm, False, dhi, dlo, shi, slo, pv & 0xFFFF,
+                              pv >> 16 & 0xFFFF))
+            for side in sides:
+                k += 1
+                row = (self.stats.lines + k, k, 1, *side[:8], v6, *side[9:], side[8])
+                for key, value in zip(_SOCK_KEYS, row, strict=True):
+                    got[key].append(value)
+        if k:
+            cols = {key: np.array(v, dtype=np.uint64) for key, v in got.items()
+                    if key not in ("comm", "open", "dump")}
+            self._add({**cols, "comm": np.array(got["comm"], dtype=object),
+                       "open": np.array(got["open"], dtype=bool),
+                       "dump": np.ones(k, dtype=bool)})
 
     def take(self) -> pa.RecordBatch:
         """The records parsed so far (FLOW_SCHEMA), and forget them."""
-        rows, self.rows = self.rows, {k: [] for k in _ROW_KEYS}
-        columns = {k: pa.array(v, type=FLOW_SCHEMA.field(k).type) for k, v in rows.items()
-                   if k != "time"}
-        columns["time"] = pa.array(rows["time"], pa.int64()).cast(FLOW_SCHEMA.field("time").type)
-        n = len(rows["time"])
+        parts, self._parts, self._pending = self._parts, [], 0
+        if parts:
+            table = pa.concat_tables(parts)
+            table = table.take(pc.sort_indices(table, [("_order", "ascending")]))
+            table = table.drop_columns(["_order"])
+        else:
+            table = pa.table({k: pa.array([], FLOW_SCHEMA.field(k).type) for k in _ROW_KEYS})
+        n = table.num_rows
+        columns = {name: table.column(name).combine_chunks() for name in table.column_names
+                   if name != "time"}
+        columns["time"] = table.column("time").combine_chunks().cast(
+            FLOW_SCHEMA.field("time").type)
         # The dialled endpoint is the one the socket connected to: the destination.
         columns["dialed_ip"], columns["dialed_port"] = columns["dst_ip"], columns["dst_port"]
         for name, value in _CONSTANT.items():
@@ -563,7 +960,7 @@ class TraceParser:
         return conform(pa.table(columns))
 
 
-def parse_trace(lines: Iterable[bytes], node: str = "recorded", **kwargs: object
+def parse_trace(lines: bytes | Iterable[bytes], node: str = "recorded", **kwargs: object
                 ) -> tuple[pa.RecordBatch, TraceStats]:
     """Records and stats of a whole recorded tracer output (tests, replays)."""
     parser = TraceParser(node, **kwargs)  # type: ignore[arg-type]
@@ -604,10 +1001,10 @@ def trace_connections(
                          stats=stats)
     text = program(btf=btf, sk_flags=sk_flags_field(bpftrace) if btf else SK_FLAGS_NEW)
     env = {**os.environ, "BPFTRACE_MAP_KEYS_MAX": str(map_keys),
-           "BPFTRACE_STRLEN": "16"}
+           "BPFTRACE_STRLEN": "16"}  # comm: 15 bytes and NUL, padded to 16 by the layout
     try:
         proc = subprocess.Popen(
-            [bpftrace, "-f", "json", "-e", text], stdout=subprocess.PIPE,
+            [bpftrace, "-f", "text", "-e", text], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
         )
     except OSError as exc:
@@ -624,7 +1021,6 @@ def trace_connections(
         fcntl.fcntl(fd, 1031, PIPE_BYTES)
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)
-    tail = b""
     started = time.monotonic()
     attached_at: float | None = None
     last_flush = time.monotonic()
@@ -649,26 +1045,19 @@ def trace_connections(
             if not sel.select(timeout=0.2):
                 chunk = None
             else:
-                chunk = os.read(fd, 1 << 20)
+                chunk = os.read(fd, PIPE_BYTES)
                 if not chunk:
                     break
             if chunk:
-                if not interrupted:
-                    # Read in bulk: one wake-up per pause instead of one per line.
+                if not interrupted and len(chunk) < PIPE_BYTES // 4:
+                    # Read in bulk: one wake-up per pause instead of one per line (no pause
+                    # when the pipe was filling up: bpftrace must never wait on it).
                     time.sleep(READ_PAUSE_S)
-                data = tail + chunk
-                cut = data.rfind(b"\n")
-                if cut >= 0:
-                    parser.feed(data[:cut].split(b"\n"))
-                    tail = data[cut + 1:]
-                else:
-                    tail = data
+                parser.feed(chunk)  # whole chunk at once; a partial last line waits
             if parser.pending and (parser.pending >= batch_rows
                                    or time.monotonic() - last_flush >= flush_s):
                 last_flush = time.monotonic()
                 yield parser.take()
-        if tail:
-            parser.feed([tail])
         rc = proc.wait()
         err_thread.join(timeout=5)
         if not parser.attached:
@@ -676,7 +1065,7 @@ def trace_connections(
             cls = KernelRefused if _REFUSED_BY_KERNEL.search(reason) else InputError
             raise cls(f"tracer failed: {reason}", origin="ebpf",
                       hint="run meshwright's set-up check; the kernel's reason is above")
-        for line in b"".join(errors).splitlines():
+        for line in b"".join(errors).splitlines():  # (text mode reports them on stdout)
             lost = _LOST_TEXT.search(line)
             if lost:
                 stats.lost += int(lost.group(1))

@@ -10,7 +10,9 @@ kernel's reason. The parser tests read output recorded on the development machin
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -131,7 +134,7 @@ def run_tracer(traffic: Callable[[], None], inventory: Inventory | None = None
     return pa.Table.from_batches(batches, schema=FLOW_SCHEMA), stats
 
 
-def rows(table: pa.Table, **where: object) -> list[dict[str, object]]:
+def rows(table: pa.Table, **where: object) -> list[dict[str, Any]]:
     return [r for r in table.to_pylist() if all(r[k] == v for k, v in where.items())]
 
 
@@ -188,6 +191,7 @@ def test_real_tracer_sees_clients_servers_refusals_bytes_and_processes() -> None
             assert t0 - 1 <= r["time"].timestamp() <= t1 + 1
             assert 0 <= r["duration_ms"] <= (t1 - t0) * 1000 + 1
             assert str(r["origin"]).startswith("ebpf:test:event ")
+        assert out[0]["origin"] == inn[0]["origin"]  # both ends local: one tracer line
         assert (out[0]["pid"], out[0]["comm"]) == (cpid, "mw-cli")
         assert (inn[0]["pid"], inn[0]["comm"]) == (spid, "mw-srv")  # from accept(), not softirq
     refused = rows(table, src_port=refused_port, dst_port=closed_port)
@@ -198,7 +202,7 @@ def test_real_tracer_sees_clients_servers_refusals_bytes_and_processes() -> None
     assert {r["direction"] for r in still} == {"outbound", "inbound"}
     assert all(r["tcp_end"] == "open" and r["bytes_in"] is None for r in still)
     assert {r["pid"] for r in still} == {cpid, spid}
-    assert stats.lost == 0 and stats.malformed == 0
+    assert stats.lost == 0 and stats.malformed == 0 and stats.pairs >= len(exchanges)
     assert stats.refused >= 1 and stats.open_at_stop >= 2
 
 
@@ -286,8 +290,8 @@ def test_real_tracer_places_a_process_in_its_pod_through_the_cgroup() -> None:
 RECORDED = [(47110, 1004, 2001), (47111, 2005, 4003), (47112, 3006, 6005)]
 
 
-def recorded() -> list[bytes]:
-    return (DATA / "loopback.jsonl").read_bytes().splitlines()
+def recorded() -> bytes:
+    return (DATA / "loopback.txt").read_bytes()
 
 
 def test_recorded_output_gives_the_traffic_record_py_made() -> None:
@@ -298,8 +302,10 @@ def test_recorded_output_gives_the_traffic_record_py_made() -> None:
             (r,) = rows(table, src_port=port, dst_port=47100, direction=direction)
             assert (r["bytes_in"], r["bytes_out"]) == (sent, answer)
             assert r["tcp_state"] == "established" and r["tcp_end"] == "fin"
-    (v6,) = rows(table, src_port=47122, dst_port=47102, direction="outbound")
-    assert (v6["src_ip"], v6["bytes_in"], v6["bytes_out"]) == ("::1", 704, 900)
+            assert (r["src_ip"], r["dst_ip"]) == ("127.0.0.1", "127.0.0.1")
+    for direction in ("outbound", "inbound"):
+        (v6,) = rows(table, src_port=47122, dst_port=47102, direction=direction)
+        assert (v6["src_ip"], v6["bytes_in"], v6["bytes_out"]) == ("::1", 704, 900)
     (refused,) = rows(table, src_port=47120)
     assert (refused["dst_port"], refused["tcp_state"], refused["tcp_end"]) == (
         47101, "refused", "rst")
@@ -310,41 +316,93 @@ def test_recorded_output_gives_the_traffic_record_py_made() -> None:
     servers = {r["pid"] for r in rows(table, direction="inbound", dst_port=47100)}
     clients = {r["pid"] for r in rows(table, direction="outbound", dst_port=47100)}
     assert len(servers) == 1 and len(clients) == 1 and servers != clients
+    # Both ends local: one line per exchange (4), the refused attempt alone (1).
+    assert (stats.pairs, stats.events, stats.duplicates) == (4, 5, 0)
     assert stats.malformed == 0 and stats.lost == 0 and stats.open_at_stop == 2
 
 
-def test_garbage_lines_are_counted_not_fatal() -> None:
-    garbage = [
-        b"not json at all",
-        b'{"type": "printf", "data": "C 1 2 3\\n"}',            # too few fields
-        b'{"type": "printf", "data": "C x 1 2 1 0 1 2 3 1 127.0.0.1 80 127.0.0.1 9 0 0 0 c\\n"}',
-        b'{"type": "printf", "data": 17}',
-        b'{"type": "lost_events", "data": {"events": 3}}',
-        b"Lost 5 events",
-        b'{"type": "nonsense"}',
-        b"\xff\xfe\x00",
-        b"",
-    ]
-    lines = recorded()
-    mixed = lines[:5] + garbage + lines[5:]
-    batch, stats = parse_trace(mixed, node="rec")
-    clean, _ = parse_trace(lines, node="rec")
-    assert stats.malformed == 6  # every garbage line but the two loss reports and the blank
-    assert stats.lost == 8
-    assert batch.num_rows == clean.num_rows
-    assert batch.column("bytes_in").to_pylist() == clean.column("bytes_in").to_pylist()
+def _le(addr: str) -> tuple[int, int]:
+    """(high, low) 64-bit halves as the program prints them: the address bytes read
+    little-endian (IPv4: low only, its 4 bytes)."""
+    raw = ipaddress.ip_address(addr).packed
+    if len(raw) == 4:
+        return 0, int.from_bytes(raw, "little")
+    return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
+def side(role: int, bits: int, last: int, err: int, acked: int, rcvd: int, extra: int,
+         comm: str = "app", start: int = 1_000_000_000, end: int = 3_500_000_000,
+         pid: int = 77, nokernel: bool = False) -> str:
+    word = role | extra << 2 | last << 4 | (err & 0xFF) << 8 | bits << 16 | nokernel << 28
+    return (f" {word:08x} {start:016x} {end:016x} {pid:08x} {1:016x} {acked:016x} "
+            f"{rcvd:016x} {comm:<16}")
 
 
 def line(role: int, bits: int, last: int, err: int, laddr: str, lport: int, raddr: str,
          rport: int, acked: int, rcvd: int, extra: int, comm: str = "app",
-         start: int = 1_000_000_000, end: int = 3_500_000_000) -> bytes:
-    text = (f"C 42 {role} {bits} {last} {err} {start} {end} 77 1 {laddr} {lport} {raddr} "
-            f"{rport} {acked} {rcvd} {extra} {comm}\\n")
-    return b'{"type": "printf", "data": "' + text.encode() + b'"}'
+         start: int = 1_000_000_000, end: int = 3_500_000_000, *, pid: int = 77,
+         peer: str = "") -> bytes:
+    """One tracer line, written out from the layout the program's printf uses."""
+    (lh, ll), (rh, rl) = _le(laddr), _le(raddr)
+    v6 = ":" in laddr
+    kind = ("P" if peer else "C") + ("6" if v6 else "4")
+    addrs = f" {lh:016x} {ll:016x} {rh:016x} {rl:016x}" if v6 else f" {ll:08x} {rl:08x}"
+    text = (kind + addrs + f" {lport << 16 | rport:08x}"
+            + side(role, bits, last, err, acked, rcvd, extra, comm, start, end, pid) + peer)
+    return text.encode()
 
 
 def bits(*states: int) -> int:
     return sum(1 << s for s in states)
+
+
+def test_line_layout_is_the_programs() -> None:
+    """The hand-written lines above have the length of the program's printf formats."""
+    from observe.ebpf import _CUTS
+    one = line(1, bits(2, 1, 7), 1, 0, "10.0.0.1", 1, "10.0.0.2", 2, 0, 0, 0)
+    six = line(1, bits(2, 1, 7), 1, 0, "::1", 1, "::1", 2, 0, 0, 0)
+    pair = line(1, bits(2, 1, 7), 1, 0, "10.0.0.1", 1, "10.0.0.2", 2, 0, 0, 0,
+                peer=side(2, bits(3, 1, 7), 1, 0, 0, 0, 0))
+    assert [len(one), len(six), len(pair)] == [_CUTS[b"C4"][1], _CUTS[b"C6"][1],
+                                               _CUTS[b"P4"][1]]
+    # and the program's printf format prints lines of that length (widths read from it)
+    fmt = next(ln for ln in PROGRAM.splitlines() if 'printf("P4' in ln).split('"')[1]
+    expanded = re.sub(r"%-?0?(\d+)(?:llx|s)", lambda m: "x" * int(m.group(1)), fmt)
+    assert len(expanded.replace("\\n", "")) == len(pair)
+
+
+def test_garbage_lines_are_counted_not_fatal() -> None:
+    good = line(1, bits(2, 1, 7), 1, 0, "10.0.0.1", 40000, "10.0.0.2", 80, 11, 0, 2)
+    garbage = [
+        b"not a tracer line at all",
+        b"C4 1 2 3",                                        # too short
+        good.replace(b"0a", b"zz", 1),                      # right length, not hex
+        good[:-30],                                         # cut short
+        good.replace(b" ", b"_", 3),                        # separators gone
+        b"@t[abc]: 12",                                     # not a map entry
+        b"\xff\xfe\x00",
+        b"Lost 5 events",
+        b"",
+    ]
+    text = recorded()
+    lines = text.splitlines()
+    mixed = b"\n".join(lines[:3] + garbage + lines[3:]) + b"\n"
+    batch, stats = parse_trace(mixed, node="rec")
+    clean, _ = parse_trace(text, node="rec")
+    assert stats.malformed == 7  # every garbage line but the loss report and the blank
+    assert stats.lost == 5
+    assert batch.num_rows == clean.num_rows
+    assert batch.column("bytes_in").to_pylist() == clean.column("bytes_in").to_pylist()
+
+
+def test_chunks_may_split_lines_anywhere() -> None:
+    text = recorded()
+    whole, _ = parse_trace(text, node="rec", boot_offset_ns=0)
+    parser = TraceParser("rec", boot_offset_ns=0)
+    for i in range(0, len(text), 37):  # 37: cuts lines at every place in turn
+        parser.feed(text[i:i + 37])
+    parser.finish()
+    assert parser.take().to_pylist() == whole.to_pylist()
 
 
 def test_byte_accounting_follows_the_state_path() -> None:
@@ -373,6 +431,52 @@ def test_byte_accounting_follows_the_state_path() -> None:
     assert first["pid"] == 77 and first["comm"] == "app"
 
 
+def test_a_local_pair_gives_both_records_and_a_second_copy_is_dropped() -> None:
+    # The server (10.0.0.2:80, pid 88) closed second: its view first, then the client's.
+    client = side(1, bits(2, 1, 4, 5, 7), 5, 0, acked=1 + 30 + 1, rcvd=70 + 1, extra=3,
+                  comm="curl", start=2_000_000_000, end=2_600_000_000, pid=77)
+    server = line(2, bits(3, 1, 8, 9, 7), 9, 0, "10.0.0.2", 80, "10.0.0.1", 40000,
+                  acked=70 + 1, rcvd=30 + 1, extra=3, comm="nginx", start=2_100_000_000,
+                  end=2_700_000_000, pid=88, peer=client)
+    # The same pair printed by the client too (both closed at once on two CPUs).
+    again = line(1, bits(2, 1, 4, 5, 7), 5, 0, "10.0.0.1", 40000, "10.0.0.2", 80,
+                 acked=1 + 30 + 1, rcvd=70 + 1, extra=3, comm="curl", start=2_000_000_000,
+                 end=2_600_000_000,
+                 peer=side(2, bits(3, 1, 8, 9, 7), 9, 0, acked=71, rcvd=31, extra=3,
+                           comm="nginx", start=2_100_000_000, end=2_700_000_000, pid=88))
+    batch, stats = parse_trace([server, again], boot_offset_ns=0)
+    got = [(r["direction"], r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"],
+            r["bytes_in"], r["bytes_out"], r["pid"], r["comm"], r["duration_ms"], r["origin"])
+           for r in batch.to_pylist()]
+    assert got == [
+        ("outbound", "10.0.0.1", 40000, "10.0.0.2", 80, 30, 70, 77, "curl", 600,
+         "ebpf:recorded:event 1"),
+        ("inbound", "10.0.0.1", 40000, "10.0.0.2", 80, 30, 70, 88, "nginx", 600,
+         "ebpf:recorded:event 1"),
+    ]
+    assert (stats.pairs, stats.duplicates, stats.events, stats.connections) == (1, 1, 1, 2)
+
+
+def test_a_pair_half_closed_at_the_stop_comes_from_the_map_dump() -> None:
+    # At the stop: the client socket (key 5) is still open; its server peer closed and left
+    # its fields under the client's key (@w: word, start, end, pid, cgroup, acked, rcvd,
+    # its own address); maps are printed as bpftrace's text mode prints them.
+    lh, ll = _le("10.0.0.1")
+    _, rl = _le("10.0.0.2")
+    word = 2 | 3 << 2 | 9 << 4 | bits(3, 1, 8, 9, 7) << 16
+    dump = (b"R\n@a[5]: (0, %d, 0, %d, %d)\n@t[5]: 1000000000\n@r[5]: 1\n@p[5]: 77\n"
+            b"@g[5]: 1\n@m[5]: curl\n@w[5]: (%d, 1100000000, 3100000000, 88, 1, 71, 31, -99)\n"
+            b"@wm[5]: nginx\n@t[9]: 5\n@r[9]: 1\n") % (ll, rl, 40000 << 16 | 80, word)
+    batch, stats = parse_trace(dump, boot_offset_ns=0)
+    got = [(r["direction"], r["src_port"], r["dst_port"], r["tcp_end"], r["bytes_in"],
+            r["bytes_out"], r["pid"], r["comm"], r["duration_ms"]) for r in batch.to_pylist()]
+    assert got == [
+        ("outbound", 40000, 80, "open", None, None, 77, "curl", None),
+        ("inbound", 40000, 80, "fin", 30, 70, 88, "nginx", 2000),
+    ]
+    assert lh == 0 and stats.open_at_stop == 1 and stats.pending_at_stop == 1
+
+
 def test_failed_attempts_midstream_mapped_addresses_and_reduced_program() -> None:
     no_answer = line(1, bits(2, 7), 2, 110, "10.0.0.1", 40010, "10.9.9.9", 443, 0, 0, 2)
     # Already open when tracing began: no start, side from the ephemeral port range.
@@ -380,9 +484,13 @@ def test_failed_attempts_midstream_mapped_addresses_and_reduced_program() -> Non
     midstream_server = line(0, 0, 8, 0, "10.0.0.2", 5432, "10.0.0.1", 45001, 50, 100, 3)
     mapped = line(2, bits(3, 1, 8, 9, 7), 9, 0, "::ffff:10.0.0.2", 80, "::ffff:10.0.0.1",
                   40020, 1, 1, 3, comm="my server")
-    reduced = line(1, bits(2, 7), 2, -1, "10.0.0.1", 40030, "10.0.0.2", 80, 0, 0, -1)
+    # The reduced program (no BTF): addresses as ntop() text padded to 39, no kernel reads.
+    reduced = (f"N4 {'10.0.0.1':<39} {'10.0.0.2':<39} {40030 << 16 | 80:08x}"
+               + side(1, bits(2, 7), 2, 0, 0, 0, 0, nokernel=True)).encode()
+    reduced6 = (f"N6 {'fd00::1':<39} {'fd00::2':<39} {40031 << 16 | 443:08x}"
+                + side(1, bits(2, 1, 4, 5, 7), 5, 0, 0, 0, 0, nokernel=True)).encode()
     parser = TraceParser("n", boot_offset_ns=0, ports=(32768, 60999))
-    parser.feed([no_answer, midstream_client, midstream_server, mapped, reduced])
+    parser.feed([no_answer, midstream_client, midstream_server, mapped, reduced, reduced6])
     got = parser.take().to_pylist()
     assert (got[0]["tcp_state"], got[0]["tcp_end"]) == ("no-answer", "timeout")
     assert (got[1]["tcp_state"], got[1]["direction"], got[1]["dst_port"]) == (
@@ -393,15 +501,19 @@ def test_failed_attempts_midstream_mapped_addresses_and_reduced_program() -> Non
     assert (got[3]["src_ip"], got[3]["dst_ip"], got[3]["comm"]) == (
         "10.0.0.1", "10.0.0.2", "my server")
     # Without BTF: no byte counts, refused and unanswered both read as no-answer.
-    assert (got[4]["tcp_state"], got[4]["bytes_in"], got[4]["bytes_out"]) == (
-        "no-answer", None, None)
+    assert (got[4]["tcp_state"], got[4]["bytes_in"], got[4]["bytes_out"], got[4]["src_ip"]) == (
+        "no-answer", None, None, "10.0.0.1")
+    assert (got[5]["src_ip"], got[5]["dst_ip"], got[5]["dst_port"], got[5]["tcp_state"]) == (
+        "fd00::1", "fd00::2", 443, "established")
     assert parser.stats.midstream == 2 and parser.stats.no_answer == 2
 
 
 def test_program_variants() -> None:
     assert "bytes_acked" in PROGRAM and "sys_exit_accept4" in PROGRAM
+    assert "@e[" in PROGRAM and 'printf("P4' in PROGRAM  # local pairs joined
     reduced = program(btf=False)
-    assert "struct" not in reduced and "accept" not in reduced
+    assert "struct" not in reduced and "accept" not in reduced and "@e[" not in reduced
+    assert 'printf("N4' in reduced and 'printf("C4' not in reduced
     assert "$s->sk_flags" in program(sk_flags="$s->sk_flags")
 
 

@@ -53,12 +53,13 @@ def client(family: socket.AddressFamily, host: str, port: int, src: int, send: i
 
 def main() -> None:
     out = open(sys.argv[1], "wb")  # noqa: SIM115 - written to until the very end
-    proc = subprocess.Popen(["bpftrace", "-f", "json", "-e", program(sk_flags=sk_flags_field())],
+    proc = subprocess.Popen(["bpftrace", "-e", program(sk_flags=sk_flags_field())],
                             stdout=subprocess.PIPE, env={**os.environ,
-                                                         "BPFTRACE_MAP_KEYS_MAX": "65536"})
+                                                         "BPFTRACE_MAP_KEYS_MAX": "65536",
+                                                         "BPFTRACE_STRLEN": "16"})
     assert proc.stdout is not None
     first = proc.stdout.readline()
-    while b'"R\\n"' not in first:
+    while first != b"R\n":
         out.write(first)
         first = proc.stdout.readline()
     out.write(first)
