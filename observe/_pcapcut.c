@@ -1000,6 +1000,156 @@ done:
     return res;
 }
 
+/* --- HTTP/1 message starts (observe/capture.py _http1_requests) ---------------------------- */
+
+/* The request line ^([A-Z][A-Z0-9_-]{0,31}) ([^ \r\n]+) (HTTP/1\.[01])\r?\n of b[0:n]: 1 and the
+ * three fields' spans (offset, length) in f, else 0. */
+static int h1_request(const uint8_t *b, int64_t n, int64_t *f) {
+    int64_t i = 0;
+    if (n < 1 || b[0] < 'A' || b[0] > 'Z') return 0;
+    for (i = 1; i < n; i++) {
+        uint8_t c = b[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-')) break;
+    }
+    if (i > 32 || i >= n || b[i] != ' ') return 0;
+    f[0] = 0, f[1] = i;
+    int64_t t = ++i;
+    while (i < n && b[i] != ' ' && b[i] != '\r' && b[i] != '\n') i++;
+    if (i == t || i >= n || b[i] != ' ') return 0;
+    f[2] = t, f[3] = i - t;
+    int64_t v = ++i;
+    if (n - v < 9 || memcmp(b + v, "HTTP/1.", 7) != 0 || (b[v + 7] != '0' && b[v + 7] != '1'))
+        return 0;
+    i = v + 8;
+    if (b[i] == '\r') i++;
+    if (i >= n || b[i] != '\n') return 0;
+    f[4] = v, f[5] = 8;
+    return 1;
+}
+
+/* The end of the line starting at i (the offset after its \r?\n), or -1 if it does not end
+ * with \r?\n (a lone CR, or the end of the data). *e is where its text ends. */
+static int64_t h1_line_end(const uint8_t *b, int64_t n, int64_t i, int64_t *e) {
+    while (i < n && b[i] != '\r' && b[i] != '\n') i++;
+    *e = i;
+    if (i < n && b[i] == '\r') i++;
+    if (i >= n || b[i] != '\n') return -1;
+    return i + 1;
+}
+
+static inline int h1_lower(uint8_t c) { return (c >= 'A' && c <= 'Z') ? c + 32 : c; }
+
+/* The Host header as (?i)^[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*?host[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?\n
+ * finds it: the value's span in f, 1; else 0. */
+static int h1_host(const uint8_t *b, int64_t n, int64_t *f) {
+    int64_t e, i = h1_line_end(b, n, 0, &e);
+    while (i >= 0 && i < n) {
+        int64_t next = h1_line_end(b, n, i, &e);
+        if (next < 0) return 0;
+        if (e - i >= 4 && h1_lower(b[i]) == 'h' && h1_lower(b[i + 1]) == 'o' &&
+            h1_lower(b[i + 2]) == 's' && h1_lower(b[i + 3]) == 't') {
+            int64_t k = i + 4;
+            while (k < e && (b[k] == ' ' || b[k] == '\t')) k++;
+            if (k < e && b[k] == ':') {
+                k++;
+                while (k < e && (b[k] == ' ' || b[k] == '\t')) k++;
+                int64_t end = e;
+                while (end > k && (b[end - 1] == ' ' || b[end - 1] == '\t')) end--;
+                f[0] = k, f[1] = end - k;
+                return 1;
+            }
+        }
+        if (e == i) return 0; /* the blank line that ends the headers */
+        i = next;
+    }
+    return 0;
+}
+
+static const char h1_rbac[] = "RBAC: access denied";
+
+/* http1_scan(offsets, data, c2s) -> (kind, status, spans)
+ *
+ * For every message-start packet i (a binary column: int32 offsets[i]..offsets[i + 1] into
+ * data; c2s[i] 1 for the client's direction): kind 1 for a client request line, 2 for a
+ * server's final status line (>= 200, or 101), 3 for a final 403 whose message contains
+ * Envoy's "RBAC: access denied", else 0; status (int32) the status line's code (any
+ * direction), -1 without one; spans eight int64 per row, offsets into data and lengths of
+ * method, target, version and the Host value (-1 where absent; requests only). Exactly what
+ * the regexes of observe/capture.py find (the tests compare both). */
+static PyObject *http1_scan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *off_o, *dat_o, *dir_o;
+    if (!PyArg_ParseTuple(args, "OOO", &off_o, &dat_o, &dir_o)) return NULL;
+    Buf ob = {0}, db = {0}, cb = {0};
+    PyObject *kind_o = NULL, *st_o = NULL, *sp_o = NULL, *res = NULL;
+    if (get_buf(off_o, &ob, 4, "offsets") < 0 || get_buf(dat_o, &db, 1, "data") < 0 ||
+        get_buf(dir_o, &cb, 1, "c2s") < 0)
+        goto done;
+    Py_ssize_t n = cb.view.len;
+    if (ob.view.len / 4 != n + 1) {
+        PyErr_SetString(PyExc_ValueError, "http1_scan: offsets and c2s differ in length");
+        goto done;
+    }
+    const int32_t *offs = ob.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (offs[i] < 0 || offs[i + 1] < offs[i] || offs[i + 1] > db.view.len) {
+            PyErr_SetString(PyExc_IndexError, "http1_scan: offsets outside the data");
+            goto done;
+        }
+    }
+    uint8_t *kind;
+    int32_t *status;
+    int64_t *spans;
+    if (!(kind_o = new_array(n, 1, (void **)&kind)) ||
+        !(st_o = new_array(n, 4, (void **)&status)) ||
+        !(sp_o = new_array(n * 8, 8, (void **)&spans)))
+        goto done;
+    const uint8_t *data = db.view.buf, *dir = cb.view.buf;
+    Py_ssize_t rl = (Py_ssize_t)sizeof(h1_rbac) - 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *b = data + offs[i];
+        int64_t len = offs[i + 1] - offs[i], base = offs[i], *f = spans + 8 * i;
+        for (int k = 0; k < 8; k++) f[k] = -1;
+        kind[i] = 0;
+        status[i] = -1;
+        if (len >= 12 && memcmp(b, "HTTP/1.", 7) == 0 && (b[7] == '0' || b[7] == '1') &&
+            b[8] == ' ' && b[9] >= '0' && b[9] <= '9' && b[10] >= '0' && b[10] <= '9' &&
+            b[11] >= '0' && b[11] <= '9')
+            status[i] = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+        if (dir[i]) {
+            if (h1_request(b, len, f)) {
+                kind[i] = 1;
+                for (int k = 0; k < 6; k += 2) f[k] += base;
+                if (h1_host(b, len, f + 6)) f[6] += base;
+                else f[6] = f[7] = -1;
+            } else {
+                for (int k = 0; k < 6; k++) f[k] = -1;
+            }
+        } else if (status[i] >= 200 || status[i] == 101) {
+            kind[i] = 2;
+            if (status[i] == 403 && len >= rl) {
+                for (int64_t k = 0; k + rl <= len; k++) {
+                    if (b[k] == 'R' && memcmp(b + k, h1_rbac, (size_t)rl) == 0) {
+                        kind[i] = 3;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    res = Py_BuildValue("(OOO)", kind_o, st_o, sp_o);
+done:
+    Py_XDECREF(kind_o);
+    Py_XDECREF(st_o);
+    Py_XDECREF(sp_o);
+    rel_buf(&ob);
+    rel_buf(&db);
+    rel_buf(&cb);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"ng_walk", ng_walk, METH_VARARGS, "ng_walk(buf, pos, n, big) -> (offsets, kinds, end)"},
     {"decode", decode, METH_VARARGS, "decode(buf, starts, caps, linktypes) -> (reason, columns)"},
@@ -1012,6 +1162,8 @@ static PyMethodDef methods[] = {
     {"mark_copies", mark_copies, METH_VARARGS,
      "mark_copies(keys, idents, ts, window, clock, ck, clast, cntx, cik, cif, cocc, scratch, "
      "kcap, icap, epoch) -> (mask, clock, ck, clast, cntx, cik, cif, cocc)"},
+    {"http1_scan", http1_scan, METH_VARARGS,
+     "http1_scan(offsets, data, c2s) -> (kind, status, spans)"},
     {NULL, NULL, 0, NULL},
 };
 

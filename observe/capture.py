@@ -30,16 +30,18 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from observe import payload
+from observe import pcap as _pcap
+from observe.compiled import pcapcut
 from observe.conntrack import ConnectionTracker, TrackerOutput
 from observe.pcap import CaptureStats, read_packets
-from observe.schema import KIND_CONNECTION, KIND_REQUEST, conform
+from observe.schema import FLOW_SCHEMA, KIND_CONNECTION, KIND_REQUEST, conform
 
 if TYPE_CHECKING:
     from observe.live import LiveChunk, LiveStats
@@ -149,8 +151,7 @@ class CaptureMapper:
         if all(keep):
             return out
         self.stats.duplicate_connections += keep.count(False)
-        mask = pa.array(keep)
-        kept = conns.filter(mask)
+        kept = conns.filter(_bool_array(np.array(keep, dtype=bool)))
         http = out.http
         if http.num_rows:
             http = http.filter(pc.is_in(http.column("conn_id"), kept.column("conn_id")))
@@ -164,20 +165,20 @@ class CaptureMapper:
         conns = out.connections
         n = conns.num_rows
         if n == 0:
-            return conform(pa.table({"kind": pa.array([], pa.string())}))
+            return conform(pa.Table.from_arrays([pa.nulls(0, pa.string())], names=["kind"]))
         cols = {c: conns.column(c).to_pylist() for c in (
             "conn_id", "transport", "client_ip", "client_port", "server_ip", "server_port",
-            "first_ts_ns", "last_ts_ns", "first_frame", "packets_c2s", "packets_s2c",
-            "payload_c2s", "payload_s2c", "state", "ended", "client_head", "server_head",
+            "first_frame", "payload_c2s", "state", "ended", "client_head", "server_head",
         )}
         h1 = _http1_requests(out.http)
-        with_h1 = set(h1.conn_ids.tolist())
-        # Each HTTP/1 connection's first Host header names the service it reached.
-        first_host: dict[int, str] = {}
-        for conn_id, host_header in zip(h1.conn_ids.tolist(), h1.host.to_pylist(),
-                                        strict=True):
-            if host_header and conn_id not in first_host:
-                first_host[conn_id] = host_header
+        with_h1 = set(np.unique(h1.conn_ids).tolist())
+        # Each HTTP/1 connection's first Host header names the service it reached (requests
+        # are in connection and frame order; an empty Host is null).
+        named = np.flatnonzero(_numbers(pc.is_valid(h1.host)))
+        _, first = np.unique(h1.conn_ids[named], return_index=True)
+        first_host: dict[int, str] = dict(zip(
+            h1.conn_ids[named[first]].tolist(),
+            h1.host.take(_int_array(named[first], pa.int64())).to_pylist(), strict=True))
         # Names first: a DNS answer in this output names the connections after it.
         infos: list[payload.StreamInfo] = []
         for i in range(n):
@@ -205,7 +206,13 @@ class CaptureMapper:
             self.stats.dns_names += self.dns.learn(info)
             infos.append(info)
 
-        rows: dict[str, list[object]] = {k: [] for k in _ROW_KEYS}
+        first_ts = _numbers(conns.column("first_ts_ns"))
+        last_ts = _numbers(conns.column("last_ts_ns"))
+        # The connection records' columns that need each connection's classification (the
+        # others come straight from the tracker's columns, below).
+        rows: dict[str, list[Any]] = {k: [] for k in (
+            "service_host", "protocol", "http_version", "mtls", "sni", "tcp_state", "tcp_end",
+            "itemized")}
         h2_rows: dict[str, list[object]] = {k: [] for k in _ROW_KEYS}
         conn_host: dict[int, str | None] = {}
         for i, info in enumerate(infos):
@@ -216,14 +223,6 @@ class CaptureMapper:
             client_head = cols["client_head"][i] or b""
             whole = (cols["payload_c2s"][i] or 0) <= len(client_head)
             itemized = whole if protocol in ("http", "grpc") else None
-            first_ts, last_ts = cols["first_ts_ns"][i], cols["last_ts_ns"][i]
-            common = {
-                "src_ip": cols["client_ip"][i], "src_port": cols["client_port"][i],
-                "dst_ip": cols["server_ip"][i], "dst_port": cols["server_port"][i],
-                "dialed_ip": cols["server_ip"][i], "dialed_port": cols["server_port"][i],
-                "transport": transport, "mtls": info.mtls, "sni": info.sni,
-                "source": self.source, "denied": False,
-            }
             # HTTP/1 connections take their requests from the packets (below); the head's
             # requests serve HTTP/2 and gRPC.
             head_requests = [] if conn_id in with_h1 else [r for r in info.requests if r.method]
@@ -233,31 +232,31 @@ class CaptureMapper:
                 first_request = payload.HttpRequest(authority=first_host[conn_id])
             host = _service_host(info, first_request, cols["server_ip"][i], self.dns)
             conn_host[conn_id] = None if first_request is not None else host
-            self._add(rows, {
-                **common,
-                "kind": KIND_CONNECTION,
-                "time": first_ts // 1000,
-                "duration_ms": (last_ts - first_ts) // 1_000_000,
-                "protocol": protocol,
-                "http_version": _http_version(info, first_request),
-                "service_host": host,
-                "bytes_in": cols["payload_c2s"][i], "bytes_out": cols["payload_s2c"][i],
-                "packets_in": cols["packets_c2s"][i], "packets_out": cols["packets_s2c"][i],
-                "tcp_state": state if transport == "tcp" else None,
-                "tcp_end": cols["ended"][i] if transport == "tcp" else None,
-                "itemized": itemized,
-                "origin": f"{self.name}:packet {cols['first_frame'][i]}",
-            })
+            rows["service_host"].append(host)
+            rows["protocol"].append(protocol)
+            rows["http_version"].append(_http_version(info, first_request))
+            rows["mtls"].append(info.mtls)
+            rows["sni"].append(info.sni)
+            rows["tcp_state"].append(state if transport == "tcp" else None)
+            rows["tcp_end"].append(cols["ended"][i] if transport == "tcp" else None)
+            rows["itemized"].append(itemized)
             self.stats.connections += 1
             if state in ("refused", "no-answer"):
                 self.stats.failed += 1
             if itemized is False:
                 self.stats.not_itemized += 1
+            common = {
+                "src_ip": cols["client_ip"][i], "src_port": cols["client_port"][i],
+                "dst_ip": cols["server_ip"][i], "dst_port": cols["server_port"][i],
+                "dialed_ip": cols["server_ip"][i], "dialed_port": cols["server_port"][i],
+                "transport": transport, "mtls": info.mtls, "sni": info.sni,
+                "source": self.source, "denied": False,
+            } if head_requests else {}
             for req in head_requests:
                 self._add(h2_rows, {
                     **common,
                     "kind": KIND_REQUEST,
-                    "time": first_ts // 1000,
+                    "time": int(first_ts[i]) // 1000,
                     "protocol": "grpc" if req.grpc_service else protocol,
                     "http_version": _http_version(info, req),
                     "service_host": _service_host(info, req, cols["server_ip"][i], self.dns),
@@ -265,7 +264,22 @@ class CaptureMapper:
                     "status": req.status,
                     "origin": f"{self.name}:packet {cols['first_frame'][i]}",
                 })
-        parts = [_batch(rows)]
+        server_ip, server_port = conns.column("server_ip"), conns.column("server_port")
+        table: dict[str, pa.Array | pa.ChunkedArray] = {
+            "time": _int_array(first_ts // 1000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "duration_ms": _int_array((last_ts - first_ts) // 1_000_000, pa.int64()),
+            "src_ip": conns.column("client_ip"), "src_port": conns.column("client_port"),
+            "dst_ip": server_ip, "dst_port": server_port,
+            "dialed_ip": server_ip, "dialed_port": server_port,
+            "transport": conns.column("transport"),
+            "bytes_in": conns.column("payload_c2s"), "bytes_out": conns.column("payload_s2c"),
+            "packets_in": conns.column("packets_c2s"), "packets_out": conns.column("packets_s2c"),
+            "source": _repeat(self.source, n), "denied": _bool_array(np.zeros(n, dtype=bool)),
+            "kind": _repeat(KIND_CONNECTION, n),
+            "origin": self._origins(conns.column("first_frame")),
+            **{k: _column(v, FLOW_SCHEMA.field(k).type) for k, v in rows.items()},
+        }
+        parts = [conform(pa.Table.from_arrays(list(table.values()), names=list(table)))]
         if len(h1.conn_ids):
             parts.append(self._http1_batch(h1, conns, conn_host))
         if h2_rows["time"]:
@@ -278,17 +292,21 @@ class CaptureMapper:
                      ) -> pa.RecordBatch:
         """Request records for the HTTP/1 requests ``h1`` found, with their connection's
         endpoints."""
-        ids = conns.column("conn_id").to_numpy()
+        ids = _numbers(conns.column("conn_id"))
         order = np.argsort(ids, kind="stable")
         row = order[np.searchsorted(ids, h1.conn_ids, sorter=order)]
-        take = pa.array(row)
+        take = _int_array(row, pa.int64())
         m = len(row)
         authority = h1.host
-        bare = pc.replace_substring_regex(authority, r"^\[([^\]]*)\](?::\d+)?$", r"\1")
-        bare = pc.replace_substring_regex(bare, r"^([^:\[\]]+):\d+$", r"\1")
-        fallback = pa.array([hosts.get(int(c)) for c in h1.conn_ids.tolist()], pa.string())
+        # The regexes run once per distinct authority (a capture repeats a few hosts).
+        codes = pc.dictionary_encode(authority)
+        bare = pc.replace_substring_regex(codes.dictionary, r"^\[([^\]]*)\](?::\d+)?$", r"\1")
+        bare = pc.replace_substring_regex(bare, r"^([^:\[\]]+):\d+$", r"\1").take(codes.indices)
+        fallback = _column([hosts.get(c) for c in ids.tolist()], pa.string()).take(take)
+        denied = _numbers(h1.denied).astype(bool)
         table = {
-            "time": pa.array(h1.ts_ns // 1000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "time": _int_array(h1.ts_ns // 1000, pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")),
             "src_ip": conns.column("client_ip").take(take),
             "src_port": conns.column("client_port").take(take),
             "dst_ip": conns.column("server_ip").take(take),
@@ -296,23 +314,29 @@ class CaptureMapper:
             "dialed_ip": conns.column("server_ip").take(take),
             "dialed_port": conns.column("server_port").take(take),
             "service_host": pc.coalesce(bare, fallback),
-            "transport": pa.repeat(pa.scalar("tcp"), m),
-            "protocol": pa.repeat(pa.scalar("http"), m),
+            "transport": _repeat("tcp", m),
+            "protocol": _repeat("http", m),
             "http_version": h1.version,
             "method": h1.method,
             "path": h1.path,
             "authority": authority,
             "status": h1.status,
-            "mtls": pa.repeat(pa.scalar(payload.PLAINTEXT), m),
+            "mtls": _repeat(payload.PLAINTEXT, m),
             "denied": h1.denied,
-            "denied_by": pc.if_else(h1.denied, pa.scalar("rbac"), pa.scalar(None, pa.string())),
-            "source": pa.repeat(pa.scalar(self.source), m),
-            "origin": pc.binary_join_element_wise(
-                pa.scalar(f"{self.name}:packet "), pc.cast(pa.array(h1.frames), pa.string()),
-                ""),
-            "kind": pa.repeat(pa.scalar(KIND_REQUEST), m),
+            "denied_by": _repeat("rbac", m, denied),
+            "source": _repeat(self.source, m),
+            "origin": self._origins(_int_array(h1.frames, pa.int64())),
+            "kind": _repeat(KIND_REQUEST, m),
         }
-        return conform(pa.table(table))
+        return conform(pa.Table.from_arrays(list(table.values()), names=list(table)))
+
+    def _origins(self, frames: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """``'<name>:packet <frame>'`` for each frame number."""
+        m = len(frames)
+        if isinstance(frames, pa.ChunkedArray):
+            frames = frames.combine_chunks()
+        return pc.binary_join_element_wise(_repeat(f"{self.name}:packet ", m),
+                                           pc.cast(frames, pa.string()), _repeat("", m))
 
     @staticmethod
     def _add(rows: dict[str, list[object]], row: dict[str, object]) -> None:
@@ -330,11 +354,97 @@ _ROW_KEYS = (
 
 
 def _batch(rows: dict[str, list[object]]) -> pa.RecordBatch:
-    table = pa.table({
-        **{k: v for k, v in rows.items() if k not in ("time",)},
-        "time": pa.array(rows["time"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-    })
-    return conform(table)
+    names = list(rows)
+    return conform(pa.Table.from_arrays(
+        [_column(rows[k], FLOW_SCHEMA.field(k).type) for k in names], names=names))
+
+
+# Arrow arrays here are built from buffers, never with pa.array, pa.scalar, a Python literal
+# in a compute call or Array.to_numpy: each of those imports pandas (~0.25 s of the process's
+# time on the first call), which nothing in the capture path needs.
+
+
+def _numbers(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numpy copy of an integer or boolean column without nulls."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n, off = len(arr), arr.offset
+    if arr.null_count:
+        raise ValueError("a column with nulls")  # never: the tracker's columns have none
+    buf = arr.buffers()[1]
+    if pa.types.is_boolean(arr.type):
+        bits = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
+        return np.unpackbits(bits, bitorder="little")[off: off + n].astype(bool)
+    dtype = _NUMPY[arr.type]
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.frombuffer(buf, dtype=dtype)[off: off + n].copy()
+
+
+_NUMPY = {pa.int64(): np.int64, pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8}
+
+
+def _int_array(values: np.ndarray, typ: pa.DataType, valid: np.ndarray | None = None
+               ) -> pa.Array:
+    """An integer Arrow array of ``values`` (null where ``valid`` is False)."""
+    data = np.ascontiguousarray(values, dtype=_NUMPY[typ])
+    bits, nulls = _validity(valid, data.size)
+    return pa.Array.from_buffers(typ, data.size, [bits, pa.py_buffer(data)], null_count=nulls)
+
+
+def _validity(valid: np.ndarray | None, n: int) -> tuple[pa.Buffer | None, int]:
+    if valid is None:
+        return None, 0
+    nulls = n - int(np.count_nonzero(valid))
+    if not nulls:
+        return None, 0
+    return pa.py_buffer(np.packbits(np.asarray(valid, dtype=bool), bitorder="little")), nulls
+
+
+def _bool_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+    vbits, nulls = _validity(valid, len(values))
+    return pa.Array.from_buffers(pa.bool_(), len(values), [vbits, pa.py_buffer(bits)],
+                                 null_count=nulls)
+
+
+def _binary_array(data: bytes | pa.Buffer, lengths: np.ndarray, typ: pa.DataType,
+                  valid: np.ndarray | None = None) -> pa.Array:
+    """A binary or string array of consecutive values of ``data`` (``lengths`` each)."""
+    offs = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offs[1:])
+    if offs[-1] >= 1 << 31:
+        raise ValueError("string column over 2 GiB")  # never: batches are a few MiB
+    vbits, nulls = _validity(valid, len(lengths))
+    return pa.Array.from_buffers(typ, len(lengths), [vbits, pa.py_buffer(
+        offs.astype(np.int32)), pa.py_buffer(data)], null_count=nulls)
+
+
+def _repeat(text: str, m: int, valid: np.ndarray | None = None) -> pa.Array:
+    """A string array of ``text`` m times (null where ``valid`` is False)."""
+    raw = text.encode()
+    k = m if valid is None else int(np.count_nonzero(valid))
+    lengths = np.full(m, len(raw), dtype=np.int64)
+    if valid is not None:
+        lengths[~np.asarray(valid, dtype=bool)] = 0
+    return _binary_array(raw * k, lengths, pa.string(), valid)
+
+
+def _column(values: list[Any], typ: pa.DataType) -> pa.Array:
+    """An Arrow array of ``typ`` from Python values (None: null); what pa.array would give,
+    cast to ``typ``."""
+    n = len(values)
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=n)
+    if n and not valid.any():
+        return pa.nulls(n, typ)
+    if pa.types.is_string(typ):
+        enc = [b"" if v is None else v.encode() for v in values]
+        lengths = np.fromiter((len(v) for v in enc), dtype=np.int64, count=n)
+        return _binary_array(b"".join(enc), lengths, typ, valid)
+    if pa.types.is_boolean(typ):
+        return _bool_array(np.fromiter((bool(v) for v in values), dtype=bool, count=n), valid)
+    ints = np.fromiter((0 if v is None else v for v in values), dtype=np.int64, count=n)
+    arr = _int_array(ints, pa.int64(), valid)
+    return arr if typ == pa.int64() else arr.cast(typ)
 
 
 def _http_version(info: payload.StreamInfo, req: payload.HttpRequest | None) -> str | None:
@@ -378,8 +488,8 @@ def _text(col: pa.Array) -> pa.Array:
     try:
         return col.cast(pa.string())
     except pa.ArrowInvalid:
-        return pa.array([None if v is None else v.decode("utf-8", "replace")
-                         for v in col.to_pylist()], pa.string())
+        return _column([None if v is None else v.decode("utf-8", "replace")
+                        for v in col.to_pylist()], pa.string())
 
 
 def _ranks(groups: np.ndarray) -> np.ndarray:
@@ -413,13 +523,82 @@ def _http1_requests(http: pa.Table) -> _Http1:
     """Requests of every HTTP/1 message-start packet, vectorized, with paired statuses.
 
     Pipelining rule (RFC 9112): the k-th final response (>= 200, or 101) of a connection
-    answers its k-th request; interim 1xx responses answer nothing.
+    answers its k-th request; interim 1xx responses answer nothing. The compiled kernel
+    (``http1_scan``) reads the lines the regexes of :func:`_http1_requests_re` read, in one
+    pass and without pandas; the tests check that both give the same.
     """
+    if pcapcut is None or not _pcap.USE_KERNEL or http.num_rows == 0 or any(
+            http.column(c).null_count for c in ("conn_id", "frame", "ts_ns", "direction",
+                                                 "data")):
+        return _http1_requests_re(http)
+    conn = _numbers(http.column("conn_id"))
+    frame = _numbers(http.column("frame"))
+    ts = _numbers(http.column("ts_ns"))
+    data = http.column("data").combine_chunks()
+    offs = np.frombuffer(data.buffers()[1], dtype=np.int32)[
+        data.offset: data.offset + len(data) + 1]
+    values = data.buffers()[2] or b""
+    kind_b, status_b, spans_b = pcapcut.http1_scan(offs, values, _is_c2s(http.column(
+        "direction")))
+    order = np.lexsort((frame, conn))
+    conn, frame = conn[order], frame[order]
+    kind = np.frombuffer(kind_b, dtype=np.uint8)[order]
+    status_all = np.frombuffer(status_b, dtype=np.int32)[order]
+    spans = np.frombuffer(spans_b, dtype=np.int64).reshape(-1, 8)
+    req_idx, resp_idx = np.flatnonzero(kind == 1), np.flatnonzero(kind >= 2)
+    paired, partner = _pair(conn, req_idx, resp_idx)
+    status = status_all[np.where(paired, partner, 0)]
+    denied = paired & (kind[np.where(paired, partner, 0)] == 3)
+    fields = spans[order[req_idx]]
+
+    def text(k: int, valid: np.ndarray | None = None) -> pa.Array:
+        lengths = np.maximum(fields[:, k + 1], 0)
+        got = pcapcut.gather(values, np.ascontiguousarray(fields[:, k]), lengths)
+        return _text(_binary_array(got, lengths, pa.binary(), valid))
+
+    return _Http1(
+        conn_ids=conn[req_idx], frames=frame[req_idx], ts_ns=ts[order][req_idx],
+        method=text(0), path=text(2), version=text(4), host=text(6, fields[:, 7] > 0),
+        status=_int_array(status, pa.int32(), paired),
+        denied=_bool_array(denied),
+    )
+
+
+def _is_c2s(direction: pa.ChunkedArray) -> np.ndarray:
+    """1 where the tracker's direction column says c2s, as uint8."""
+    arr = direction.combine_chunks()
+    offs = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    raw = np.frombuffer(arr.buffers()[2] or b"", dtype=np.uint8)
+    out = (offs[1:] - offs[:-1]) == 3
+    pick = offs[:-1][out]
+    if len(pick):
+        out[out] = (raw[pick] == ord("c")) & (raw[pick + 1] == ord("2")) & (
+            raw[pick + 2] == ord("s"))
+    return out.astype(np.uint8)
+
+
+def _pair(conn: np.ndarray, req_idx: np.ndarray, resp_idx: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """For each request (rows ``req_idx`` of ``conn``, sorted): whether a final response
+    answers it, and that response's row (-1 if none)."""
+    req_rank, resp_rank = _ranks(conn[req_idx]), _ranks(conn[resp_idx])
+    req_key = conn[req_idx].astype(np.int64) * (1 << 32) + req_rank
+    resp_key = conn[resp_idx].astype(np.int64) * (1 << 32) + resp_rank
+    pos = np.searchsorted(resp_key, req_key)
+    pos_c = np.minimum(pos, max(len(resp_key) - 1, 0))
+    paired = (pos < len(resp_key)) & (resp_key[pos_c] == req_key) if len(resp_key) else \
+        np.zeros(len(req_key), dtype=bool)
+    partner = np.where(paired, resp_idx[pos_c] if len(resp_idx) else 0, -1)
+    return paired, partner
+
+
+def _http1_requests_re(http: pa.Table) -> _Http1:
+    """:func:`_http1_requests` with Arrow's regexes (without the compiled kernel)."""
     empty = np.zeros(0, dtype=np.int64)
-    none = pa.array([], pa.string())
+    none = pa.nulls(0, pa.string())
     if http.num_rows == 0:
-        return _Http1(empty, empty, empty, none, none, none, none, pa.array([], pa.int32()),
-                      pa.array([], pa.bool_()))
+        return _Http1(empty, empty, empty, none, none, none, none, pa.nulls(0, pa.int32()),
+                      pa.nulls(0, pa.bool_()))
     conn = http.column("conn_id").to_numpy()
     frame = http.column("frame").to_numpy()
     order = np.lexsort((frame, conn))

@@ -49,6 +49,7 @@ Rules (what a row is, how a side is the client):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import pyarrow as pa
@@ -612,8 +613,8 @@ class ConnectionTracker:
         from_syn = self.i["syn_dir"][s] == d or self.i["synack_dir"][s] == d
         start = 0 if from_syn else min(0, min(rel))
         k = len(rel)
-        if rel[0] == start and all(lens) and all(
-                rel[j + 1] == rel[j] + lens[j] for j in range(k - 1)):
+        # Each segment starts where the one before it ends (rel[j + 1] == rel[j] + lens[j]).
+        if rel[0] == start and all(lens) and list(accumulate(lens[:-1], initial=start)) == rel:
             # In capture order, no gap, no overlap: the segments simply follow each other.
             return data[:hb]
         offs = [0]

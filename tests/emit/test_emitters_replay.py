@@ -714,7 +714,9 @@ def test_generated_graphs_hit_the_interesting_cases() -> None:
     that silently stopped producing them)."""
     seen: set[str] = set()
 
-    @settings(max_examples=150, deadline=None, database=None)
+    # Derandomized: a coverage guard must not depend on this run's random draws.
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(graphs())
     def collect(drawn: tuple[Graph, ClusterFacts]) -> None:
         graph, facts = drawn

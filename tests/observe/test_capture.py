@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import gzip
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from observe import payload
+from observe import capture, payload, pcap
 from observe.capture import CaptureMapper, DnsNames, _service_host, capture_batches
-from observe.conntrack import ConnectionTracker
+from observe.compiled import pcapcut
+from observe.conntrack import HTTP_SCHEMA, ConnectionTracker
+from observe.errors import FormatError
+from observe.pcap import CaptureStats, read_packets
 from observe.pipeline import ObserveOptions, ObserveStats, iter_flows, plan_inputs
 from observe.schema import FLOW_SCHEMA
 
@@ -207,3 +214,168 @@ def test_copies_on_other_interfaces_count_once() -> None:
     assert stats.duplicate_copies > 0
     reqs = [r for r in rows if r["kind"] == "request"]
     assert len(reqs) == len({(r["src_port"], r["origin"]) for r in reqs}) == 7
+
+
+# -- the compiled HTTP/1 scan (observe/_pcapcut.c http1_scan) against the regexes -------------
+
+CAPTURES = sorted(p.name for p in PCAP.iterdir() if p.suffix in (".pcap", ".pcapng"))
+
+
+def same_http1(got: capture._Http1, want: capture._Http1) -> None:
+    for name in ("conn_ids", "frames", "ts_ns"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    for name in ("method", "path", "version", "host", "status", "denied"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.type == w.type and g.to_pylist() == w.to_pylist(), name
+
+
+def tracker_http(name: str) -> list[pa.Table]:
+    """The HTTP/1 message-start tables the tracker hands over for a capture (as observe
+    flushes them)."""
+    tracker = ConnectionTracker(idle_timeout_s=capture.IDLE_TIMEOUT_S)
+    out = []
+    stats = CaptureStats(name)
+    with open(PCAP / name, "rb") as fh:
+        try:
+            for batch in read_packets(fh, name, stats=stats):
+                tracker.update(batch)
+                out.append(tracker.flush().http)
+        except FormatError:
+            pass
+    out.append(tracker.finish().http)
+    return [t for t in out if t.num_rows]
+
+
+def test_the_http1_kernel_is_built_and_used() -> None:
+    assert pcapcut is not None and hasattr(pcapcut, "http1_scan")
+
+
+@pytest.mark.parametrize("name", CAPTURES)
+def test_http1_kernel_equals_the_regexes_on_every_capture(name: str) -> None:
+    for http in tracker_http(name):
+        same_http1(capture._http1_requests(http), capture._http1_requests_re(http))
+
+
+@pytest.mark.parametrize("name", CAPTURES)
+def test_records_are_the_same_with_and_without_the_kernels(name: str) -> None:
+    def run(use: bool) -> pa.Table | str:
+        pcap.USE_KERNEL = use
+        try:
+            return records(name)
+        except FormatError as e:
+            return str(e)
+        finally:
+            pcap.USE_KERNEL = True
+
+    with_kernel, without = run(True), run(False)
+    if isinstance(with_kernel, str):
+        assert with_kernel == without
+    else:
+        assert isinstance(without, pa.Table) and with_kernel.equals(without)
+
+
+# Messages made of the pieces request/status lines and Host headers are made of, near misses
+# included (lower-case or over-long methods, double spaces, lone CRs, blank lines, Host-like
+# names, bytes that are not UTF-8), so that random ones hit every branch of both readers.
+def _one(*items: bytes) -> st.SearchStrategy[bytes]:
+    return st.sampled_from(items)
+
+
+_EOL = _one(*[b"\r\n"] * 6, *[b"\n"] * 2, b"\r", b"\r\r\n", b"")
+_VERSION = _one(*[b"HTTP/1.1"] * 6, b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2", b"http/1.1")
+_METHOD = _one(*[b"GET"] * 5, b"POST", b"M-_9", b"get", b"A" * 32, b"A" * 33, b"", b"9X")
+_TARGET = _one(*[b"/"] * 4, b"/p?q=1", b"\xff\xfe", b"\xc3\xa9", b"", b"/a b")
+_REQUEST_LINE = st.tuples(_METHOD, _one(*[b" "] * 6, b"  "), _TARGET, _one(b" "), _VERSION,
+                          _EOL).map(b"".join)
+_CODE = _one(b"200", b"101", b"100", *[b"403"] * 3, b"404", b"99", b"2x0")
+_STATUS_LINE = st.tuples(_VERSION, _one(*[b" "] * 4, b""), _CODE,
+                         _one(b" OK", b"", b" Forbidden"), _EOL).map(b"".join)
+_WS = _one(b"", b" ", b"\t", b" \t ")
+_NAME = _one(*[b"Host"] * 4, b"HOST", b"hOsT", b"Hostname", b"host ", b"X-Host", b"a", b"")
+_VALUE = _one(b"x.y:80", b"[::1]:8080", b"", b"\xff", b"a\rb", b"far")
+_HEADER = st.tuples(_NAME, _WS, _one(*[b":"] * 4, b"", b"::"), _WS, _VALUE, _WS,
+                    _EOL).map(b"".join)
+_BODY = _one(b"", *[b"RBAC: access denied"] * 2, b"x RBAC: access denied", b"RBAC: access")
+
+
+def _message(start: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    return st.tuples(
+        start, st.lists(_HEADER, max_size=6), _one(b"", b"\r\n", b"\n"),
+        _BODY | st.binary(max_size=8),
+    ).map(lambda t: t[0] + b"".join(t[1]) + t[2] + t[3])
+
+
+_ANY = _REQUEST_LINE | _STATUS_LINE | st.binary(max_size=16)
+# Exchanges: a client message then a server one, on one of three connections; mostly a request
+# and a response, sometimes anything (responses before requests, requests from the server).
+_EXCHANGE = st.tuples(st.integers(1, 3), _message(_REQUEST_LINE | _REQUEST_LINE | _ANY),
+                      _message(_STATUS_LINE | _STATUS_LINE | _ANY), st.booleans())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_EXCHANGE, min_size=1, max_size=8))
+def test_http1_kernel_equals_the_regexes_on_random_messages(
+        exchanges: list[tuple[int, bytes, bytes, bool]]) -> None:
+    rows = []
+    for conn, request, response, server_first in exchanges:
+        pair = [(conn, "c2s", request), (conn, "s2c", response)]
+        rows += pair[::-1] if server_first else pair
+    n = len(rows)
+    http = pa.Table.from_pydict({
+        "conn_id": pa.array([r[0] for r in rows], pa.int64()),
+        "frame": pa.array(np.arange(1, n + 1), pa.int64()),
+        "ts_ns": pa.array(np.arange(n) * 1000, pa.int64()),
+        "direction": pa.array([r[1] for r in rows], pa.string()),
+        "data": pa.array([r[2] for r in rows], pa.binary()),
+    }, schema=HTTP_SCHEMA)
+    # Rows in any order: both sort them by connection and frame.
+    http = http.take(pa.array(np.random.default_rng(n).permutation(n)))
+    same_http1(capture._http1_requests(http), capture._http1_requests_re(http))
+
+
+def test_rbac_denials_pair_with_their_requests() -> None:
+    rows = [(1, "c2s", b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"),
+            (1, "c2s", b"GET /b HTTP/1.1\r\nhost:b \r\n\r\n"),
+            (1, "s2c", b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (1, "s2c", b"HTTP/1.1 403 Forbidden\r\n\r\nRBAC: access denied"),
+            (1, "s2c", b"HTTP/1.1 403 Forbidden\r\n\r\nnot RBAC"),
+            (2, "c2s", b"POST / HTTP/1.0\n\n"),
+            (2, "s2c", b"RBAC: access denied")]
+    http = pa.Table.from_pydict({
+        "conn_id": pa.array([r[0] for r in rows], pa.int64()),
+        "frame": pa.array(np.arange(1, 8), pa.int64()),
+        "ts_ns": pa.array(np.arange(7), pa.int64()),
+        "direction": pa.array([r[1] for r in rows], pa.string()),
+        "data": pa.array([r[2] for r in rows], pa.binary())}, schema=HTTP_SCHEMA)
+    got = capture._http1_requests(http)
+    assert got.path.to_pylist() == ["/a", "/b", "/"]
+    assert got.host.to_pylist() == ["a", "b", None]
+    assert got.status.to_pylist() == [403, 403, None]
+    assert got.denied.to_pylist() == [True, False, False]
+    same_http1(got, capture._http1_requests_re(http))
+
+
+def test_a_host_header_past_the_first_kib_is_found() -> None:
+    # The regex path looks in the first KiB, then in the whole message: so does the kernel.
+    msg = b"GET / HTTP/1.1\r\nX-Pad: " + b"p" * 1100 + b"\r\nHost: far.example\r\n\r\n"
+    http = pa.Table.from_pydict({
+        "conn_id": pa.array([1], pa.int64()), "frame": pa.array([1], pa.int64()),
+        "ts_ns": pa.array([0], pa.int64()), "direction": pa.array(["c2s"]),
+        "data": pa.array([msg], pa.binary())}, schema=HTTP_SCHEMA)
+    got = capture._http1_requests(http)
+    assert got.host.to_pylist() == ["far.example"]
+    same_http1(got, capture._http1_requests_re(http))
+
+
+def test_observing_a_capture_does_not_import_pandas() -> None:
+    # pa.array, pa.scalar, Array.to_numpy and Python literals in compute calls import pandas
+    # (~0.25 s); the capture path builds its arrays from buffers instead.
+    code = (
+        "import sys\n"
+        "from observe.capture import capture_batches\n"
+        f"with open({str(PCAP / 'zeek-http-pipelined.pcap')!r}, 'rb') as fh:\n"
+        "    n = sum(b.num_rows for b in capture_batches(fh, 'x'))\n"
+        "print(n, 'pandas' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["6", "False"]
