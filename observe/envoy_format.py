@@ -46,6 +46,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe import arrowlite
 from observe.compiled import textcut as _textcut
 from observe.errors import FormatError
 
@@ -155,6 +156,12 @@ MAX_DIGITS = 18
 #: Use the compiled kernel when it is built (tests switch it off to compare both paths).
 USE_KERNEL = True
 _NULL_STR = pa.nulls(1, pa.string())[0]  # not pa.scalar: that imports pandas (0.15 s)
+# Scalars for compute calls (a Python literal there imports pandas too).
+_DASH = arrowlite.string_scalar("-")
+_TRUE = arrowlite.bool_scalar(True)
+_FALSE = arrowlite.bool_scalar(False)
+_ZERO_LEN = arrowlite.int_scalar(0, pa.int32())
+_MAX_DIGITS = arrowlite.int_scalar(MAX_DIGITS, pa.int32())
 
 
 @dataclass(frozen=True)
@@ -442,17 +449,18 @@ def real_times(col: pa.Array) -> pa.Array:
     """False where an RFC3339-shaped value is no real instant (month 13, February 30)."""
     try:
         col.cast(_TIMESTAMP)
-        return pa.array(np.ones(len(col), dtype=bool))
+        return arrowlite.bool_array(np.ones(len(col), dtype=bool))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     good: dict[str, bool] = {}
     for value in pc.unique(col.drop_null()).to_pylist():
         try:
-            pa.array([value]).cast(_TIMESTAMP)
+            arrowlite.string_array([value]).cast(_TIMESTAMP)
             good[value] = True
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             good[value] = False
-    return pa.array([True if v is None else good[v] for v in col.to_pylist()], pa.bool_())
+    return arrowlite.bool_array(
+        np.array([True if v is None else good[v] for v in col.to_pylist()], dtype=bool))
 
 
 # Envoy's default %START_TIME% layout, 2024-01-02T03:04:05.678Z: 0 = a digit, else that byte.
@@ -475,8 +483,8 @@ def _iso_shaped(col: pa.Array) -> pa.Array:
             rows = raw.reshape(n, w)
             digits = (rows - np.uint8(48)) <= 9  # wraps: non-digits > 9
             if bool(np.where(_ISO_DIGIT, digits, rows == _ISO_LAYOUT).all()):
-                return pa.array(np.ones(n, dtype=bool))
-    return pc.fill_null(pc.match_substring_regex(col, _ISO_TIME), False)
+                return arrowlite.bool_array(np.ones(n, dtype=bool))
+    return pc.fill_null(pc.match_substring_regex(col, _ISO_TIME), _FALSE)
 
 
 def _validate(
@@ -499,16 +507,17 @@ def _validate(
     for name, col in cols.items():
         if name in numeric and check_numbers:
             digits = pc.and_(pc.ascii_is_decimal(col), pc.less_equal(pc.binary_length(col),
-                                                                    MAX_DIGITS))
-            both(pc.fill_null(pc.or_(digits, pc.equal(col, "-")), True))
+                                                                    _MAX_DIGITS))
+            both(pc.fill_null(pc.or_(digits, pc.equal(col, _DASH)), _TRUE))
         elif name in unquoted:
-            both(pc.fill_null(pc.greater(pc.binary_length(col), 0), True))
+            both(pc.fill_null(pc.greater(pc.binary_length(col), _ZERO_LEN), _TRUE))
     if check_times:
         for name in _time_names(fmt):
             shaped = _iso_shaped(cols[name])
-            both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[name], None))))
+            both(pc.and_(shaped, real_times(pc.if_else(shaped, cols[name],
+                                                       arrowlite.null_scalar(cols[name].type)))))
     if ok is not None:
-        ok = pc.fill_null(ok, False)
+        ok = pc.fill_null(ok, _FALSE)
     return ok
 
 
@@ -550,8 +559,8 @@ class RawLines:
         """The lines as a compact StringArray (one copy)."""
         n = len(self.starts)
         if n == 0:
-            return pa.array([], pa.string())
-        take_even = pa.array(np.arange(0, 2 * n - 1, 2, dtype=np.int32))
+            return arrowlite.string_array([])
+        take_even = arrowlite.int_array(np.arange(0, 2 * n - 1, 2, dtype=np.int32))
         return cut_strings(pa.py_buffer(self.data), self.starts, self.ends, np.ones(n, dtype=bool),
                     take_even)
 
@@ -617,7 +626,7 @@ def _fast_chunk(
         data = np.frombuffer(data_buf, dtype=np.uint8)
         line_start = offs[:-1].astype(np.int64)
         line_end = offs[1:].astype(np.int64)
-        valid = lines.is_valid().to_numpy(zero_copy_only=False) if lines.null_count else None
+        valid = arrowlite.validity(lines) if lines.null_count else None
     return _fast_core(data_buf, data, line_start, line_end, valid, fmt, kept)
 
 
@@ -717,7 +726,7 @@ def _fast_core(
         good[idx[~ok]] = False
         bounds = {k: (v[0][ok], v[1][ok]) for k, v in bounds.items()}
     m = int(ok.sum())
-    take_even = pa.array(np.arange(0, max(2 * m - 1, 0), 2, dtype=np.int32))
+    take_even = arrowlite.int_array(np.arange(0, max(2 * m - 1, 0), 2, dtype=np.int32))
     cols: dict[str, pa.Array] = {}
     for name in fmt.fields if kept is None else kept:
         s_, e_ = bounds[name]
@@ -794,7 +803,7 @@ def cut_strings(
     """Strings data[starts[i]:ends[i]] (null where not valid) as a compact StringArray."""
     m = len(starts)
     if m == 0:
-        return pa.array([], pa.string())
+        return arrowlite.string_array([])
     offsets = np.empty(2 * m, dtype=np.int32)
     offsets[0::2] = starts
     offsets[1::2] = ends
@@ -806,7 +815,7 @@ def cut_strings(
         2 * m - 1, pa.py_buffer(offsets), data, validity, null_count if validity else 0
     )
     if take_even is None:
-        take_even = pa.array(np.arange(0, 2 * m - 1, 2, dtype=np.int32))
+        take_even = arrowlite.int_array(np.arange(0, 2 * m - 1, 2, dtype=np.int32))
     return inter.take(take_even)
 
 
@@ -814,7 +823,7 @@ def _keep(
     good: np.ndarray, ok: pa.Array, arrays: list[pa.Array]
 ) -> tuple[np.ndarray, list[pa.Array]]:
     """Drop rows where ``ok`` is False from ``arrays`` and from the True entries of ``good``."""
-    ok_np = ok.to_numpy(zero_copy_only=False)
+    ok_np = arrowlite.to_bool(ok)
     if ok_np.all():
         return good, arrays
     good = good.copy()
@@ -824,7 +833,7 @@ def _keep(
 
 def _nullify(arr: pa.Array) -> pa.Array:
     """Envoy prints '-' for an absent value."""
-    return pc.if_else(pc.equal(arr, "-"), _NULL_STR, arr)
+    return pc.if_else(pc.equal(arr, _DASH), _NULL_STR, arr)
 
 
 def _fast_parse(
@@ -842,7 +851,7 @@ def _fast_parse(
             tables.append(pa.table(cols))
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
     schema = pa.schema([(name, pa.string()) for name in kept])
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    table = pa.concat_tables(tables) if tables else arrowlite.empty_table(schema)
     return table, mask
 
 
@@ -889,7 +898,7 @@ def _assemble(
     """Merge (table, input indices, variant) parts into one table in input order."""
     schema = pa.schema([(c, pa.string()) for c in columns])
     if not parts:
-        return schema.empty_table(), pa.array([], pa.string())
+        return arrowlite.empty_table(schema), arrowlite.string_array([])
     tables = []
     for table, idx, _ in parts:
         cols = [
@@ -902,10 +911,11 @@ def _assemble(
     names = [variant for _, _, variant in parts]
     codes = np.concatenate([np.full(len(idx), k, dtype=np.int32) for k, (_, idx, _) in
                             enumerate(parts)])
-    variants = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names)).cast(pa.string())
+    variants = pa.DictionaryArray.from_arrays(
+        arrowlite.int_array(codes, pa.int32()), arrowlite.string_array(names)).cast(pa.string())
     order_idx = np.concatenate([idx for _, idx, _ in parts])
     if len(parts) > 1 and not np.all(order_idx[:-1] <= order_idx[1:]):
-        order = pa.array(np.argsort(order_idx, kind="stable"))
+        order = arrowlite.int_array(np.argsort(order_idx, kind="stable"), pa.int64())
         table = table.take(order)
         variants = variants.take(order)
     return table, variants
@@ -958,7 +968,7 @@ def parse_text(
     (``istio.to_flows(checked=True)`` relies on it).
     """
     if not isinstance(lines, (pa.Array, RawLines)):
-        lines = pa.array(lines, pa.string())
+        lines = arrowlite.string_array(list(lines))
     if isinstance(lines, pa.Array) and lines.type == pa.large_string():
         lines = lines.cast(pa.string())
     n = len(lines)
@@ -977,7 +987,8 @@ def parse_text(
             if isinstance(lines, RawLines):
                 rest = lines.take(remaining)
             else:
-                rest = lines.take(pa.array(remaining)) if len(remaining) else rest.slice(0, 0)
+                rest = (lines.take(arrowlite.int_array(remaining, pa.int64())) if len(remaining)
+                        else rest.slice(0, 0))
     errors: list[tuple[int, str]] = []
     if len(remaining):
         leftover: list[str | None] = rest.to_pylist()
@@ -988,11 +999,11 @@ def parse_text(
             okarr = np.array(ok, dtype=bool)
             if not okarr.any():
                 continue
-            table = pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()})
+            table = pa.table({k: arrowlite.string_array(v) for k, v in cols.items()})
             valid = _validate(f, {k: table.column(k).combine_chunks() for k in f.fields},
                               _unquoted(f))
             if valid is not None:
-                v_np = valid.to_numpy(zero_copy_only=False)
+                v_np = arrowlite.to_bool(valid)
                 table = table.filter(valid)
                 okidx = np.flatnonzero(okarr)
                 okarr[okidx[~v_np]] = False

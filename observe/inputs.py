@@ -42,7 +42,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe import layouts
+from observe import arrowlite, layouts
 from observe.compiled import textcut as _textcut
 from observe.envoy_format import RawLines
 from observe.errors import InputError
@@ -350,7 +350,7 @@ def detect(head: bytes, *, complete: bool = False, custom_format: bool = False) 
 
 
 def _looks_like_proxy_log(lines: list[str], *, custom_format: bool) -> bool:
-    arr = pa.array(lines, type=pa.string())
+    arr = arrowlite.string_array(lines)
     inner, _ = layouts.strip_kubectl(arr)
     text, js = layouts.classify_lines(inner)
     if text.any() or js.any():
@@ -358,7 +358,7 @@ def _looks_like_proxy_log(lines: list[str], *, custom_format: bool) -> bool:
     lk_apache, lk_json = layouts.classify_linkerd(inner)
     if lk_apache.any() or lk_json.any():
         return True  # linkerd-proxy access lines (config.linkerd.io/access-log)
-    diag = pc.match_substring_regex(inner, layouts.PROXY_DIAG).to_numpy(zero_copy_only=False)
+    diag = arrowlite.to_bool(pc.match_substring_regex(inner, layouts.PROXY_DIAG))
     if diag.any():
         return True  # proxy diagnostics only (no traffic yet): still the proxy's output
     # A user's --envoy-format may look like anything; a text file is then taken as a log.

@@ -59,6 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe import arrowlite
 from observe.compiled import textcut as _textcut
 from observe.envoy_format import MAX_DIGITS, cut_strings
 from observe.schema import FLOW_SCHEMA, KIND_REQUEST
@@ -66,6 +67,20 @@ from observe.schema import FLOW_SCHEMA, KIND_REQUEST
 log = logging.getLogger(__name__)
 
 _STR = pa.string()
+# Scalars for compute calls: a Python literal there makes pyarrow import pandas (~0.2 s).
+_FALSE = arrowlite.bool_scalar(False)
+_EMPTY = arrowlite.string_scalar("")
+_NULL = arrowlite.null_scalar(_STR)
+_MAX_DIGITS = arrowlite.int_scalar(MAX_DIGITS, pa.int32())
+_LITERALS: dict[str, pa.Scalar] = {}
+
+
+def _lit(text: str) -> pa.Scalar:
+    """A string scalar for a compute call (made once per text)."""
+    got = _LITERALS.get(text)
+    if got is None:
+        got = _LITERALS[text] = arrowlite.string_scalar(text)
+    return got
 _ADDR_RE = (
     r"^(?:[a-z][a-z0-9+.-]*://(?:[^/]*/)?)?"
     r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<ip4>\d{1,3}(?:\.\d{1,3}){3}))"
@@ -109,14 +124,14 @@ def _col(fields: pa.Table, name: str) -> pa.Array:
 
 def _mask(arr: pa.Array) -> pa.Array:
     """Boolean array with nulls as False."""
-    return pc.fill_null(arr, False)
+    return pc.fill_null(arr, _FALSE)
 
 
 def _group_plain(arr: pa.Array, pattern: str, name: str) -> pa.Array:
     st = pc.extract_regex(arr, pattern)
     val = pc.struct_field(st, name)
     # Non-matching rows come back as a null struct whose children hold ''.
-    return pc.if_else(_mask(pc.and_(st.is_valid(), pc.not_equal(val, ""))), val, None)
+    return pc.if_else(_mask(pc.and_(st.is_valid(), pc.not_equal(val, _EMPTY))), val, _NULL)
 
 
 def _group(arr: pa.Array, pattern: str, name: str) -> pa.Array:
@@ -132,9 +147,9 @@ def _address_plain(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
     st = pc.extract_regex(arr, _ADDR_RE)
     ok = st.is_valid()
     ip6, ip4, port = (pc.struct_field(st, f) for f in ("ip6", "ip4", "port"))
-    ip = pc.if_else(_mask(pc.not_equal(ip6, "")), ip6, ip4)
-    ip = pc.if_else(_mask(pc.and_(ok, pc.not_equal(ip, ""))), ip, None)
-    port = pc.if_else(_mask(pc.and_(ok, pc.not_equal(port, ""))), port, None)
+    ip = pc.if_else(_mask(pc.not_equal(ip6, _EMPTY)), ip6, ip4)
+    ip = pc.if_else(_mask(pc.and_(ok, pc.not_equal(ip, _EMPTY))), ip, _NULL)
+    port = pc.if_else(_mask(pc.and_(ok, pc.not_equal(port, _EMPTY))), port, _NULL)
     return ip, port.cast(pa.int32())
 
 
@@ -209,27 +224,27 @@ def _address(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
         has_port &= ~used | (digit <= 9)
         value += np.where(used, digit.astype(np.int32) * _PORT_WEIGHTS[j - 1], 0)
     colon = ends - plen - 1
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    valid = arrowlite.validity(arr)
     head = cut_strings(arr.buffers()[2], starts, np.where(has_port, colon, ends), valid)
     henc = pc.dictionary_encode(head)
     hip = _group_plain(henc.dictionary, _HEAD_RE, "ip6")
     hip = pc.coalesce(hip, _group_plain(henc.dictionary, _HEAD_RE, "ip4"))
     ip = hip.take(henc.indices)
-    port_ok = has_port & ip.is_valid().to_numpy(zero_copy_only=False)
-    port = pa.array(value, type=pa.int32(), mask=~port_ok)
+    port_ok = has_port & arrowlite.validity(ip)
+    port = arrowlite.int_array(value, pa.int32(), valid=port_ok)
     return ip, port
 
 
 def _grpc_paths(path: pa.Array, rows: pa.Array) -> pa.Array:
     """Where ``path`` looks like ``/package.Service/Method``; the regex runs on ``rows`` only
     (False elsewhere)."""
-    sel = rows.to_numpy(zero_copy_only=False)
+    sel = arrowlite.to_bool(rows)
     out = np.zeros(len(path), dtype=bool)
     idx = np.flatnonzero(sel)
     if len(idx):
-        hits = _mask(pc.match_substring_regex(path.take(pa.array(idx)), _GRPC_PATH_RE))
-        out[idx] = hits.to_numpy(zero_copy_only=False)
-    return pa.array(out)
+        hits = pc.match_substring_regex(path.take(arrowlite.int_array(idx)), _GRPC_PATH_RE)
+        out[idx] = arrowlite.to_bool(hits)
+    return arrowlite.bool_array(out)
 
 
 _INT32_MAX = 2**31 - 1
@@ -244,13 +259,14 @@ def _int(arr: pa.Array, typ: pa.DataType, checked: bool = False) -> pa.Array:
     """
     if not checked:
         ok = _mask(pc.and_(pc.ascii_is_decimal(arr),
-                           pc.less_equal(pc.binary_length(arr), MAX_DIGITS)))
-        arr = pc.if_else(ok, arr, None)
+                           pc.less_equal(pc.binary_length(arr), _MAX_DIGITS)))
+        arr = pc.if_else(ok, arr, _NULL)
     out = arr.cast(pa.int64())
     if typ == pa.int32():
         big = pc.max(out).as_py()
         if big is not None and big > _INT32_MAX:
-            out = pc.if_else(_mask(pc.less_equal(out, _INT32_MAX)), out, None)
+            out = pc.if_else(_mask(pc.less_equal(out, arrowlite.int_scalar(_INT32_MAX))), out,
+                             arrowlite.null_scalar(pa.int64()))
         out = out.cast(pa.int32())
     return out
 
@@ -264,11 +280,12 @@ def _time(arr: pa.Array, iso_checked: bool = False) -> pa.Array:
     if iso_checked:
         return arr.cast(ts_type)
     iso = _mask(pc.match_substring_regex(arr, _ISO_RE))
-    out = pc.if_else(iso, arr, None).cast(ts_type)
+    out = pc.if_else(iso, arr, _NULL).cast(ts_type)
     epoch = _mask(pc.match_substring_regex(arr, _EPOCH_RE))
     if pc.any(epoch).as_py():
-        secs = pc.if_else(epoch, arr, None).cast(pa.float64())
-        micros = pc.round(pc.multiply(secs, 1e6)).cast(pa.int64()).cast(ts_type)
+        secs = pc.if_else(epoch, arr, _NULL).cast(pa.float64())
+        micros = pc.round(pc.multiply(secs, arrowlite.float_scalar(1e6)))
+        micros = micros.cast(pa.int64()).cast(ts_type)
         out = pc.if_else(epoch, micros, out)
     return out
 
@@ -294,7 +311,8 @@ def to_flows(
     )
     if legs is None:
         return main
-    return pa.concat_batches([main, legs]).take(pa.array(_interleave(main.num_rows, rows)))
+    return pa.concat_batches([main, legs]).take(
+        arrowlite.int_array(_interleave(main.num_rows, rows), pa.int64()))
 
 
 def flow_batches(
@@ -331,10 +349,12 @@ def flow_batches(
         pc.or_(pc.starts_with(uc, "inbound|"), pc.starts_with(uc, "InboundPassthroughCluster"))
     )
     waypoint = _mask(pc.starts_with(uc, "inbound-vip|"))
-    passthrough = _mask(pc.is_in(uc, pa.array(["PassthroughCluster", "BlackHoleCluster"])))
+    passthrough = _mask(pc.is_in(uc, arrowlite.string_array(["PassthroughCluster",
+                                                             "BlackHoleCluster"])))
     outbound = pc.or_(_mask(pc.starts_with(uc, "outbound|")), passthrough)
     inbound = pc.or_(inbound_sidecar, waypoint)
-    direction = pc.if_else(inbound, "inbound", pc.if_else(outbound, "outbound", "unknown"))
+    direction = pc.if_else(inbound, _lit("inbound"),
+                           pc.if_else(outbound, _lit("outbound"), _lit("unknown")))
 
     dra_ip, dra_port = _address(_col(fields, "downstream_remote_address"))
     dla_ip, dla_port = _address(_col(fields, "downstream_local_address"))
@@ -349,33 +369,35 @@ def flow_batches(
     dst_port = pc.if_else(use_uh, uh_port, dla_port)
 
     is_tcp = _mask(pc.or_kleene(pc.or_kleene(method.is_null(), path.is_null()), proto.is_null()))
-    h2_post = pc.and_(_mask(pc.equal(proto, "HTTP/2")), _mask(pc.equal(method, "POST")))
+    h2_post = pc.and_(_mask(pc.equal(proto, _lit("HTTP/2"))), _mask(pc.equal(method, _lit("POST"))))
     grpc = pc.and_(h2_post, pc.or_(_grpc_paths(path, h2_post), _mask(pc.starts_with(ua, "grpc-"))))
-    protocol = pc.if_else(is_tcp, "tcp", pc.if_else(grpc, "grpc", "http"))
+    protocol = pc.if_else(is_tcp, _lit("tcp"), pc.if_else(grpc, _lit("grpc"), _lit("http")))
 
     sni_mtls = _mask(pc.starts_with(sni, "outbound_."))
-    server_mtls = pc.if_else(sni_mtls, "mtls", pc.if_else(sni.is_valid(), "tls", "plaintext"))
+    server_mtls = pc.if_else(sni_mtls, _lit("mtls"),
+                             pc.if_else(sni.is_valid(), _lit("tls"), _lit("plaintext")))
     app_tls = pc.and_(pc.and_(outbound, is_tcp), pc.and_(sni.is_valid(), pc.invert(sni_mtls)))
-    mtls = pc.if_else(inbound_sidecar, server_mtls, pc.if_else(app_tls, "tls", "unknown"))
+    mtls = pc.if_else(inbound_sidecar, server_mtls,
+                      pc.if_else(app_tls, _lit("tls"), _lit("unknown")))
 
     cluster_host = _group(uc, _CLUSTER_RE, "host")
     sni_host = _group(sni, _SNI_RE, "host")
     auth_host = _group(authority, _AUTHORITY_RE, "host")
-    plain_sni = pc.if_else(sni_mtls, None, sni)
+    plain_sni = pc.if_else(sni_mtls, _NULL, sni)
     named_host = pc.coalesce(auth_host, plain_sni)
     service_host = pc.coalesce(
-        cluster_host, sni_host, pc.if_else(passthrough, named_host, pa.scalar(None, _STR))
+        cluster_host, sni_host, pc.if_else(passthrough, named_host, _NULL)
     )
 
     rbac_http = _mask(pc.starts_with(rcd, "rbac_access_denied"))
     rbac_tcp = _mask(pc.starts_with(ctd, "rbac_access_denied"))
     denied = pc.or_(rbac_http, rbac_tcp)
     denied_by = _group(pc.if_else(rbac_http, rcd, ctd), _DENIED_RE, "policy")
-    denied_by = pc.if_else(denied, denied_by, pa.scalar(None, _STR))
+    denied_by = pc.if_else(denied, denied_by, _NULL)
 
     flags = _col(fields, "response_flags")
     if "response_flags" in fields.column_names:
-        flags = pc.fill_null(flags, "-")  # Envoy's own spelling of "no flags"
+        flags = pc.fill_null(flags, _lit("-"))  # Envoy's own spelling of "no flags"
 
     columns: dict[str, pa.Array] = {
         "time": _time(_col(fields, "start_time"), checked),
@@ -391,9 +413,9 @@ def flow_batches(
         "reporter": reporter if reporter is not None else pa.nulls(n, _STR),
         "transport": _const(n, "tcp"),
         "protocol": protocol,
-        "http_version": pc.if_else(is_tcp, pa.scalar(None, _STR), proto),
-        "method": pc.if_else(is_tcp, pa.scalar(None, _STR), method),
-        "path": pc.if_else(is_tcp, pa.scalar(None, _STR), path),
+        "http_version": pc.if_else(is_tcp, _NULL, proto),
+        "method": pc.if_else(is_tcp, _NULL, method),
+        "path": pc.if_else(is_tcp, _NULL, path),
         "authority": authority,
         "status": _int(_col(fields, "response_code"), pa.int32(), checked),
         "response_flags": flags,
@@ -416,11 +438,11 @@ def flow_batches(
     gateway = _mask(
         pc.and_(pc.and_(outbound, ula_ip.is_valid()), pc.not_equal(dra_ip, ula_ip))
     )
-    rows = np.flatnonzero(gateway.to_numpy(zero_copy_only=False))
+    rows = np.flatnonzero(arrowlite.to_bool(gateway))
     if not len(rows):
         return main, None, rows.astype(np.int64)
     # Gateway lines are few: gather them by index (a filter scans every row of every column).
-    pick = pa.array(rows)
+    pick = arrowlite.int_array(rows, pa.int64())
     legs = main.take(pick)
     m = legs.num_rows
     overrides = {

@@ -35,6 +35,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from observe import arrowlite
 from observe.compiled import textcut as _textcut
 from observe.linkerd import APACHE_HEAD as LINKERD_APACHE
 from observe.linkerd import JSON_HEAD as LINKERD_JSON
@@ -206,7 +207,7 @@ def _heads(lines: pa.StringArray, width: int) -> tuple[np.ndarray, np.ndarray]:
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else None
     long_enough = (offs[1:] - offs[:-1]) >= width
     if lines.null_count:
-        long_enough &= lines.is_valid().to_numpy(zero_copy_only=False)
+        long_enough &= arrowlite.validity(lines)
     if data is None or len(data) == 0:
         return np.zeros((n, width), dtype=np.uint8), long_enough
     pos = np.add.outer(offs[:-1], np.arange(width, dtype=np.int32)).astype(np.intp)
@@ -234,19 +235,18 @@ def classify_lines(
         empty = np.zeros(0, dtype=bool)
         return empty, empty
     head, ok = _heads(inner, 12)
-    nonempty = pc.fill_null(pc.greater(pc.binary_length(inner), 0), False).to_numpy(
-        zero_copy_only=False)
+    nonempty = arrowlite.to_int(pc.binary_length(inner)) > 0  # null: length 0
     # The JSON regex runs only where a line may open an object: '{' or leading whitespace.
     json_maybe = np.isin(head[:, 0], _JSON_FIRST) & nonempty
     is_json = np.zeros(len(inner), dtype=bool)
     if json_maybe.any():
         rows = np.flatnonzero(json_maybe)
-        hits = pc.match_substring_regex(inner.take(pa.array(rows)), ACCESS_JSON)
-        is_json[rows] = pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
+        hits = pc.match_substring_regex(inner.take(arrowlite.int_array(rows)), ACCESS_JSON)
+        is_json[rows] = arrowlite.to_bool(hits)
     if custom_format:
-        diag = pc.match_substring_regex(inner, PROXY_DIAG)
-        blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(inner)), 0)
-        other = pc.fill_null(pc.or_(diag, blank), True).to_numpy(zero_copy_only=False)
+        diag = arrowlite.to_bool(pc.match_substring_regex(inner, PROXY_DIAG))
+        blank = arrowlite.to_int(pc.utf8_length(pc.utf8_trim_whitespace(inner))) == 0
+        other = diag | blank | ~arrowlite.validity(inner)  # a null line counts as other
         return ~(other | is_json), is_json
     # ACCESS_TEXT ('[YYYY-MM-DDT') checked on the first 12 bytes of every line at once.
     return _text_shape(head) & ok, is_json
@@ -275,8 +275,8 @@ def classify_linkerd(
                                 (maybe_json, LINKERD_JSON, js)):
         if maybe.any():
             rows = np.flatnonzero(maybe)
-            hits = pc.match_substring_regex(inner.take(pa.array(rows)), pattern)
-            out[rows] = pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
+            hits = pc.match_substring_regex(inner.take(arrowlite.int_array(rows)), pattern)
+            out[rows] = arrowlite.to_bool(hits)
     return apache, js
 
 
@@ -411,11 +411,12 @@ class CriJoiner:
         linenos = np.arange(first_line, first_line + n, dtype=np.int64)
         if n == 0:
             return lines, linenos
-        is_cri = pc.fill_null(pc.match_substring_regex(lines, _CRI_PC), False)
+        is_cri = pc.fill_null(pc.match_substring_regex(lines, _CRI_PC),
+                              arrowlite.bool_scalar(False))
         partial = pc.match_substring_regex(lines, _CRI_PARTIAL_PC)
         if not self._pending and not pc.any(partial).as_py():
             # Fast path: every line is complete; strip the prefix vectorized.
-            ok = is_cri.to_numpy(zero_copy_only=False)
+            ok = arrowlite.to_bool(is_cri)
             if not ok.all():
                 self.malformed.extend(int(x) for x in linenos[~ok])
             kept = lines.filter(is_cri)
@@ -437,14 +438,14 @@ class CriJoiner:
                 continue
             out.append("".join(parts))
             out_no.append(start)
-        return pa.array(out, type=pa.string()), np.array(out_no, dtype=np.int64)
+        return arrowlite.string_array(out), np.array(out_no, dtype=np.int64)
 
     def flush(self) -> tuple[pa.StringArray, np.ndarray]:
         """Fragments still pending at end of file (a truncated record), as lines."""
         items = sorted(self._pending.values())
         self._pending.clear()
         return (
-            pa.array(["".join(parts) for _, parts in items], type=pa.string()),
+            arrowlite.string_array(["".join(parts) for _, parts in items]),
             np.array([start for start, _ in items], dtype=np.int64),
         )
 
@@ -570,10 +571,10 @@ def unwrap_envelopes(
         pods.append(env.pod)
         reporters.append(f"{ns}/{env.pod}" if ns and env.pod else None)
     return Unwrapped(
-        pa.array(out, type=pa.string()),
+        arrowlite.string_array(out),
         np.array(nos, dtype=np.int64),
-        pa.array(pods, type=pa.string()),
-        pa.array(reporters, type=pa.string()),
+        arrowlite.string_array(pods),
+        arrowlite.string_array(reporters),
         bad,
     )
 
@@ -590,4 +591,4 @@ def reporters_for_pods(
     for pod in distinct.to_pylist():
         ns = namespace or (_unique_ns(known_pods, pod) if pod else None)
         mapped.append(f"{ns}/{pod}" if pod and ns else None)
-    return pc.take(pa.array(mapped, type=pa.string()), pc.index_in(pods, value_set=distinct))
+    return pc.take(arrowlite.string_array(mapped), pc.index_in(pods, value_set=distinct))

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from observe import envoy_format, istio, layouts, linkerd
+from observe import arrowlite, envoy_format, istio, layouts, linkerd
 from observe.capture import SOURCE_PCAP, CaptureMapper, capture_batches
 from observe.errors import InputError
 from observe.flows_io import read_flows
@@ -174,14 +174,15 @@ def plan_inputs(paths: Sequence[str], *, envoy_format: str | None = None) -> Inp
 
 
 def _origins(name: str, linenos: np.ndarray) -> pa.Array:
-    nums = pc.cast(pa.array(linenos, type=pa.int64()), pa.string())
-    return pc.binary_join_element_wise(pa.scalar(name + ":"), nums, "")
+    nums = pc.cast(arrowlite.int_array(linenos, pa.int64()), pa.string())
+    return pc.binary_join_element_wise(arrowlite.string_scalar(name + ":"), nums,
+                                       arrowlite.string_scalar(""))
 
 
 def _constant(value: str | None, n: int) -> pa.Array:
     if value is None:
         return pa.nulls(n, type=pa.string())
-    return pa.repeat(pa.scalar(value, type=pa.string()), n)
+    return pa.repeat(arrowlite.string_scalar(value), n)
 
 
 #: Chunks parsed ahead of the consumer: bounds memory (each is <= batch_lines lines).
@@ -233,7 +234,8 @@ class _Job:
         if len(keep) == len(good):
             rep = self.reporters
         else:
-            rep = self.reporters.take(pa.array(keep)) if self.reporters is not None else None
+            rep = (self.reporters.take(arrowlite.int_array(keep))
+                   if self.reporters is not None else None)
         if rep is None:
             rep = _constant(self.reporter, len(keep))
         if self.source in _LINKERD_SOURCES:
@@ -376,12 +378,13 @@ class _Reader:
         if kubectl:
             inner, prefixed = layouts.strip_kubectl(lines)
             if prefixed is not None:
-                pods = pc.fill_null(prefixed, ref.pod) if ref.pod else prefixed
+                pods = (pc.fill_null(prefixed, arrowlite.string_scalar(ref.pod)) if ref.pod
+                        else prefixed)
                 reporters = layouts.reporters_for_pods(
                     prefixed, namespace=ref.namespace, known_pods=self.options.known_pods
                 )
                 if ref.reporter is not None:
-                    reporters = pc.fill_null(reporters, ref.reporter)
+                    reporters = pc.fill_null(reporters, arrowlite.string_scalar(ref.reporter))
         is_text, is_json = layouts.classify_lines(inner, custom_format=self.fmt is not None)
         if self.fmt is not None:
             # A custom format's text mask is every other line: Linkerd's are told apart first.
@@ -393,8 +396,9 @@ class _Reader:
         self.stats.ignored_lines += int(len(candidates) - candidates.sum())
         if self.dedupe is not None and candidates.any():
             idx = np.flatnonzero(candidates)
-            row_pods = pods.take(pa.array(idx)) if isinstance(pods, pa.Array) else pods
-            keys = hash_lines(row_pods, inner.take(pa.array(idx)))
+            take_idx = arrowlite.int_array(idx)
+            row_pods = pods.take(take_idx) if isinstance(pods, pa.Array) else pods
+            keys = hash_lines(row_pods, inner.take(take_idx))
             new = self.dedupe.filter(keys)
             dup = idx[~new]
             self.stats.duplicates += len(dup)
@@ -407,7 +411,7 @@ class _Reader:
             idx = np.flatnonzero(mask)
             sub, sub_linenos, rows = inner, linenos, reporters
             if len(idx) < len(mask):  # all lines are access lines, usually: no copy then
-                take = pa.array(idx)
+                take = arrowlite.int_array(idx)
                 sub, sub_linenos = inner.take(take), linenos[idx]
                 rows = reporters.take(take) if reporters is not None else None
             job = _Job(
@@ -510,7 +514,8 @@ class _Reader:
     def read_flow_file(self, path: Path) -> Iterator[pa.RecordBatch]:
         self.stats.files += 1
         for batch in read_flows(path, batch_size=self.options.batch_lines):
-            counts = pc.value_counts(pc.fill_null(batch.column("source"), "unknown"))
+            counts = pc.value_counts(pc.fill_null(batch.column("source"),
+                                                  arrowlite.string_scalar("unknown")))
             for item in counts.to_pylist():
                 self.stats.add_records(item["values"], item["counts"])
             yield batch
