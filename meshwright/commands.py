@@ -105,6 +105,15 @@ def _report_observe(args: argparse.Namespace, stats: ObserveStats) -> None:
 
 
 def observe(args: argparse.Namespace) -> int:
+    if args.kube:
+        return _observe_kube(args)
+    kube_only = [f"--{n.replace('_', '-')}" for n in ("state", "git_dir", "listen", "namespaces",
+                                                       "context", "kubeconfig", "mesh")
+                 if getattr(args, n) is not None]
+    if kube_only:
+        raise UsageError(f"{', '.join(kube_only)} apply to --kube", hint="add --kube")
+    if args.output is None:
+        raise UsageError("-o FLOWS is required", hint="meshwright observe dump/ -o flows.parquet")
     target = Path(args.output)
     if target.is_dir():
         raise UsageError(f"{target} is a directory; -o names the Parquet file to write",
@@ -137,6 +146,53 @@ def observe(args: argparse.Namespace) -> int:
     _report_observe(args, stats)
     _say(args, f"meshwright: wrote {target}")
     return EXIT_OK if stats.records else EXIT_NO_FLOWS
+
+
+def _observe_kube(args: argparse.Namespace) -> int:
+    import threading
+
+    from learn.baseline import parse_span
+    from meshwright.observer import Observer, ObserverConfig, parse_listen
+    from observe.live import stop_on_signals
+
+    if args.inputs or args.iface is not None or args.ebpf or args.output is not None:
+        raise UsageError("--kube observes the cluster: give no INPUT files, --iface, --ebpf "
+                         "or -o", hint="flows go to --state DIR")
+    extra = [f"--{n}" for n in ("bpf", "duration", "count", "save") if getattr(args, n)]
+    if extra:
+        raise UsageError(f"{', '.join(extra)} apply to --iface, not --kube")
+    if not args.state:
+        raise UsageError("--kube needs --state DIR", hint="e.g. --state /var/lib/meshwright")
+    if args.namespaces and args.all_namespaces:
+        raise UsageError("-n and -A exclude each other")
+    emit_every = (None if args.emit_every.strip() in ("0", "0s", "never")
+                  else parse_span(args.emit_every).total_seconds())
+    retention = (None if args.retention.strip() in ("0", "never")
+                 else parse_span(args.retention))
+    try:
+        listen = parse_listen(args.listen) if args.listen else None
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}", hint="e.g. --listen :9090") from None
+    if args.git_dir and not Path(args.git_dir).is_dir():
+        raise InputError("not a directory", origin=args.git_dir,
+                         hint="--git names a git working tree")
+    config = ObserverConfig(
+        state=Path(args.state), namespaces=args.namespaces, context=args.context,
+        kubeconfig=args.kubeconfig, emit_every=emit_every, flush_every=args.flush_every,
+        retention=retention, meshes=tuple(dict.fromkeys(args.mesh or ["istio"])),
+        trust_domain=args.trust_domain, listen=listen,
+        git_dir=Path(args.git_dir) if args.git_dir else None, workers=args.log_workers,
+        read_timeout=args.log_read_timeout, slice_seconds=args.log_slice,
+        backoff_base=args.reconnect_backoff,
+    )
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        observer = Observer(config, stop)
+        code = observer.run()
+    _say(args, f"meshwright: stopped; {observer.store.stats.rows:,} flow records stored in "
+               f"{observer.store.stats.commits} commits, {observer.stats.emits} proposals "
+               f"published under {config.state}")
+    return code
 
 
 def _observe_ebpf(args: argparse.Namespace, target: Path) -> int:

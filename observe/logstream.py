@@ -74,6 +74,8 @@ class LogChunk:
     """The kubelet timestamp of each line, ns since the epoch."""
     first: int
     """Ordinal (1-based) of the first line among the stream's delivered lines."""
+    cursor: CursorState | None = None
+    """Where the stream stands just after this chunk's last line (to checkpoint with it)."""
 
 
 @dataclass
@@ -140,6 +142,16 @@ def since_time(ns: int) -> str:
     return datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class CursorState:
+    """A :class:`Cursor` frozen for a checkpoint: restore it with :meth:`Cursor.restore`."""
+
+    last: int | None
+    at_last: tuple[tuple[bytes, int], ...]
+    """(content digest, lines with it) at ``last``, sorted."""
+    delivered: int
+
+
 class Cursor:
     """Where a stream stands: the last timestamp delivered and the lines that had it."""
 
@@ -148,6 +160,18 @@ class Cursor:
         self.at_last: Counter[bytes] = Counter()
         self.delivered = 0
         self._replay: Counter[bytes] = Counter()
+
+    def state(self) -> CursorState:
+        return CursorState(self.last, tuple(sorted(self.at_last.items())), self.delivered)
+
+    @classmethod
+    def restore(cls, state: CursorState) -> Cursor:
+        """A cursor that resumes at ``state`` (a reconnect then skips what it delivered)."""
+        cursor = cls()
+        cursor.last = state.last
+        cursor.at_last = Counter(dict(state.at_last))
+        cursor.delivered = state.delivered
+        return cursor
 
     def reconnect(self) -> None:
         """A new connection starts: the lines at the cursor timestamp may come again."""
@@ -186,7 +210,10 @@ class LogStreamer:
     def __init__(self, api: KubeApi, *, workers: int = 8, slice_seconds: float = 30.0,
                  read_timeout: float = 10.0, chunk_lines: int = 2000, queue_chunks: int = 64,
                  backoff: Callable[[], Backoff] = Backoff,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 cursors: Mapping[StreamKey, CursorState] | None = None) -> None:
+        """``cursors``: where streams stood at a checkpoint (from :attr:`LogChunk.cursor`);
+        a stream of one of these keys resumes there instead of at the start of its log."""
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.api = api
@@ -205,6 +232,7 @@ class LogStreamer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._fatal: InventoryError | None = None
+        self._saved: dict[StreamKey, CursorState] = dict(cursors or {})
 
     # -- pods -------------------------------------------------------------------------------
     def on_pod(self, event: str, pod: Mapping[str, Any]) -> None:
@@ -224,7 +252,10 @@ class LogStreamer:
                 if stream is None:
                     if not started:
                         continue  # no log before the containers start
+                    saved = self._saved.pop(key, None)
                     stream = _Stream(key, backoff=self.backoff())
+                    if saved is not None:
+                        stream.cursor = Cursor.restore(saved)
                     self._streams[key] = stream
                     self.stats.streams_started += 1
                     self._ready.append(key)
@@ -398,7 +429,11 @@ class LogStreamer:
             return
         with self._cond:
             self.stats.lines += len(lines)
-        chunk = LogChunk(key, list(lines), list(times), first)
+            stream = self._streams.get(key)
+        # Only this worker advances the cursor while it visits the stream: its state now is
+        # the state right after the chunk's last line.
+        state = stream.cursor.state() if stream is not None else None
+        chunk = LogChunk(key, list(lines), list(times), first, state)
         # Back-pressure: a slow consumer blocks the readers (the kubelet keeps the files).
         # The chunk is put even after stop() so nothing admitted by a cursor is lost.
         self._out.put(chunk)

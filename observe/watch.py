@@ -135,7 +135,13 @@ class InventoryWatcher:
                  backoff: Callable[[], Backoff] = Backoff,
                  clock: Callable[[], datetime] = _utcnow,
                  sleep: Callable[[float], None] | None = None,
-                 listeners: Iterable[PodListener] = ()) -> None:
+                 listeners: Iterable[PodListener] = (),
+                 resource_versions: Mapping[tuple[str, str | None], str] | None = None,
+                 pods: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Resume from a checkpoint: ``pods`` (raw objects, ended ones included) seed the
+        history, the live ones as known to be alive; ``resource_versions`` ((resource,
+        namespace or None) -> resourceVersion) makes those scopes watch from there instead of
+        listing first (a 410 then lists and ends the seeded pods that vanished meanwhile)."""
         self.api = api
         self.namespaces = None if namespaces is None else sorted(set(namespaces))
         self.resources = tuple(resources)
@@ -152,6 +158,22 @@ class InventoryWatcher:
         self._versions: dict[tuple[str, str | None], str] = {}
         self._threads: list[threading.Thread] = []
         self._fatal: InventoryError | None = None
+        self._resume = dict(resource_versions or {})
+        self._seeded: list[dict[str, Any]] = []
+        for obj in pods:
+            self._seed_pod(obj)
+
+    def _seed_pod(self, obj: Mapping[str, Any]) -> None:
+        pod = _compact_pod(obj)
+        meta = pod["metadata"]
+        self._inventory.add_object(pod, kind="Pod", origin="checkpoint")
+        if _ended(pod):
+            return
+        ns_list: list[str | None] = [None] if self.namespaces is None else [*self.namespaces]
+        for ns in ns_list:
+            if ns is None or meta.get("namespace") == ns:
+                self._alive.setdefault(("pods", ns), {})[str(meta.get("uid"))] = pod
+                self._seeded.append(pod)
 
     # -- public -----------------------------------------------------------------------------
     def scopes(self) -> list[tuple[tuple[str, str, str], str | None]]:
@@ -160,8 +182,17 @@ class InventoryWatcher:
         return [(res, ns) for res in self.resources for ns in ns_list]
 
     def sync(self) -> None:
-        """List everything once (synchronously): the inventory is complete on return."""
+        """List everything once (synchronously): the inventory is complete on return. Scopes
+        resumed from a ``resource_versions`` checkpoint are not listed (their watch resumes)."""
+        seeded, self._seeded = self._seeded, []
+        for obj in seeded:  # alive at the checkpoint: their logs are followed again
+            self._notify("ADDED", obj)
         for res, ns in self.scopes():
+            rv = self._resume.pop((res[2], ns), None)
+            if rv is not None:
+                with self._changed:
+                    self._versions[(res[2], ns)] = rv
+                continue
             self._relist(res, ns)
 
     def start(self) -> None:
@@ -189,6 +220,11 @@ class InventoryWatcher:
         """A copy of the inventory as of now (safe to use while the watches go on)."""
         with self._changed:
             return Inventory().merge(self._inventory)
+
+    def resource_versions(self) -> dict[tuple[str, str | None], str]:
+        """Where every watch stands ((resource, namespace or None) -> resourceVersion)."""
+        with self._changed:
+            return dict(self._versions)
 
     def resource_version(self, resource: str, namespace: str | None = None) -> str | None:
         """Where the watch of ``resource`` (``pods``...) stands."""
