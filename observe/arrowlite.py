@@ -105,12 +105,17 @@ def string_array(values: Sequence[str | None], typ: pa.DataType = _STRING) -> pa
     return binary_array(b"".join(enc), lengths, typ, valid)
 
 
-def repeat_string(text: str | None, n: int) -> pa.Array:
-    """``text`` n times (all null when ``text`` is None)."""
+def repeat_string(text: str | None, n: int, valid: np.ndarray | None = None) -> pa.Array:
+    """``text`` n times (all null when ``text`` is None; null where ``valid`` is False)."""
     if text is None:
         return pa.nulls(n, pa.string())
     raw = text.encode()
-    return binary_array(raw * n, np.full(n, len(raw), dtype=np.int64))
+    lengths = np.full(n, len(raw), dtype=np.int64)
+    if valid is None:
+        return binary_array(raw * n, lengths)
+    keep = np.asarray(valid, dtype=bool)
+    lengths[~keep] = 0
+    return binary_array(raw * int(np.count_nonzero(keep)), lengths, _STRING, keep)
 
 
 def string_scalar(value: str | None) -> pa.Scalar:

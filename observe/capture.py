@@ -38,6 +38,14 @@ import pyarrow.compute as pc
 
 from observe import payload
 from observe import pcap as _pcap
+from observe.arrowlite import (
+    binary_array,
+    bool_array,
+    int_array,
+    repeat_string,
+    to_bool,
+    to_int,
+)
 from observe.compiled import pcapcut
 from observe.conntrack import ConnectionTracker, TrackerOutput
 from observe.pcap import CaptureStats, read_packets
@@ -151,7 +159,7 @@ class CaptureMapper:
         if all(keep):
             return out
         self.stats.duplicate_connections += keep.count(False)
-        kept = conns.filter(_bool_array(np.array(keep, dtype=bool)))
+        kept = conns.filter(bool_array(np.array(keep, dtype=bool)))
         http = out.http
         if http.num_rows:
             http = http.filter(pc.is_in(http.column("conn_id"), kept.column("conn_id")))
@@ -174,11 +182,11 @@ class CaptureMapper:
         with_h1 = set(np.unique(h1.conn_ids).tolist())
         # Each HTTP/1 connection's first Host header names the service it reached (requests
         # are in connection and frame order; an empty Host is null).
-        named = np.flatnonzero(_numbers(pc.is_valid(h1.host)))
+        named = np.flatnonzero(to_bool(pc.is_valid(h1.host)))
         _, first = np.unique(h1.conn_ids[named], return_index=True)
         first_host: dict[int, str] = dict(zip(
             h1.conn_ids[named[first]].tolist(),
-            h1.host.take(_int_array(named[first], pa.int64())).to_pylist(), strict=True))
+            h1.host.take(int_array(named[first], pa.int64())).to_pylist(), strict=True))
         # Names first: a DNS answer in this output names the connections after it.
         infos: list[payload.StreamInfo] = []
         for i in range(n):
@@ -206,8 +214,8 @@ class CaptureMapper:
             self.stats.dns_names += self.dns.learn(info)
             infos.append(info)
 
-        first_ts = _numbers(conns.column("first_ts_ns"))
-        last_ts = _numbers(conns.column("last_ts_ns"))
+        first_ts = to_int(conns.column("first_ts_ns"))
+        last_ts = to_int(conns.column("last_ts_ns"))
         # The connection records' columns that need each connection's classification (the
         # others come straight from the tracker's columns, below).
         rows: dict[str, list[Any]] = {k: [] for k in (
@@ -266,16 +274,16 @@ class CaptureMapper:
                 })
         server_ip, server_port = conns.column("server_ip"), conns.column("server_port")
         table: dict[str, pa.Array | pa.ChunkedArray] = {
-            "time": _int_array(first_ts // 1000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            "duration_ms": _int_array((last_ts - first_ts) // 1_000_000, pa.int64()),
+            "time": int_array(first_ts // 1000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "duration_ms": int_array((last_ts - first_ts) // 1_000_000, pa.int64()),
             "src_ip": conns.column("client_ip"), "src_port": conns.column("client_port"),
             "dst_ip": server_ip, "dst_port": server_port,
             "dialed_ip": server_ip, "dialed_port": server_port,
             "transport": conns.column("transport"),
             "bytes_in": conns.column("payload_c2s"), "bytes_out": conns.column("payload_s2c"),
             "packets_in": conns.column("packets_c2s"), "packets_out": conns.column("packets_s2c"),
-            "source": _repeat(self.source, n), "denied": _bool_array(np.zeros(n, dtype=bool)),
-            "kind": _repeat(KIND_CONNECTION, n),
+            "source": repeat_string(self.source, n), "denied": bool_array(np.zeros(n, dtype=bool)),
+            "kind": repeat_string(KIND_CONNECTION, n),
             "origin": self._origins(conns.column("first_frame")),
             **{k: _column(v, FLOW_SCHEMA.field(k).type) for k, v in rows.items()},
         }
@@ -292,10 +300,10 @@ class CaptureMapper:
                      ) -> pa.RecordBatch:
         """Request records for the HTTP/1 requests ``h1`` found, with their connection's
         endpoints."""
-        ids = _numbers(conns.column("conn_id"))
+        ids = to_int(conns.column("conn_id"))
         order = np.argsort(ids, kind="stable")
         row = order[np.searchsorted(ids, h1.conn_ids, sorter=order)]
-        take = _int_array(row, pa.int64())
+        take = int_array(row, pa.int64())
         m = len(row)
         authority = h1.host
         # The regexes run once per distinct authority (a capture repeats a few hosts).
@@ -303,9 +311,9 @@ class CaptureMapper:
         bare = pc.replace_substring_regex(codes.dictionary, r"^\[([^\]]*)\](?::\d+)?$", r"\1")
         bare = pc.replace_substring_regex(bare, r"^([^:\[\]]+):\d+$", r"\1").take(codes.indices)
         fallback = _column([hosts.get(c) for c in ids.tolist()], pa.string()).take(take)
-        denied = _numbers(h1.denied).astype(bool)
+        denied = to_bool(h1.denied)
         table = {
-            "time": _int_array(h1.ts_ns // 1000, pa.int64()).cast(
+            "time": int_array(h1.ts_ns // 1000, pa.int64()).cast(
                 pa.timestamp("us", tz="UTC")),
             "src_ip": conns.column("client_ip").take(take),
             "src_port": conns.column("client_port").take(take),
@@ -314,19 +322,19 @@ class CaptureMapper:
             "dialed_ip": conns.column("server_ip").take(take),
             "dialed_port": conns.column("server_port").take(take),
             "service_host": pc.coalesce(bare, fallback),
-            "transport": _repeat("tcp", m),
-            "protocol": _repeat("http", m),
+            "transport": repeat_string("tcp", m),
+            "protocol": repeat_string("http", m),
             "http_version": h1.version,
             "method": h1.method,
             "path": h1.path,
             "authority": authority,
             "status": h1.status,
-            "mtls": _repeat(payload.PLAINTEXT, m),
+            "mtls": repeat_string(payload.PLAINTEXT, m),
             "denied": h1.denied,
-            "denied_by": _repeat("rbac", m, denied),
-            "source": _repeat(self.source, m),
-            "origin": self._origins(_int_array(h1.frames, pa.int64())),
-            "kind": _repeat(KIND_REQUEST, m),
+            "denied_by": repeat_string("rbac", m, denied),
+            "source": repeat_string(self.source, m),
+            "origin": self._origins(int_array(h1.frames, pa.int64())),
+            "kind": repeat_string(KIND_REQUEST, m),
         }
         return conform(pa.Table.from_arrays(list(table.values()), names=list(table)))
 
@@ -335,8 +343,8 @@ class CaptureMapper:
         m = len(frames)
         if isinstance(frames, pa.ChunkedArray):
             frames = frames.combine_chunks()
-        return pc.binary_join_element_wise(_repeat(f"{self.name}:packet ", m),
-                                           pc.cast(frames, pa.string()), _repeat("", m))
+        return pc.binary_join_element_wise(repeat_string(f"{self.name}:packet ", m),
+                                           pc.cast(frames, pa.string()), repeat_string("", m))
 
     @staticmethod
     def _add(rows: dict[str, list[object]], row: dict[str, object]) -> None:
@@ -359,74 +367,9 @@ def _batch(rows: dict[str, list[object]]) -> pa.RecordBatch:
         [_column(rows[k], FLOW_SCHEMA.field(k).type) for k in names], names=names))
 
 
-# Arrow arrays here are built from buffers, never with pa.array, pa.scalar, a Python literal
-# in a compute call or Array.to_numpy: each of those imports pandas (~0.25 s of the process's
-# time on the first call), which nothing in the capture path needs.
-
-
-def _numbers(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numpy copy of an integer or boolean column without nulls."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n, off = len(arr), arr.offset
-    if arr.null_count:
-        raise ValueError("a column with nulls")  # never: the tracker's columns have none
-    buf = arr.buffers()[1]
-    if pa.types.is_boolean(arr.type):
-        bits = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
-        return np.unpackbits(bits, bitorder="little")[off: off + n].astype(bool)
-    dtype = _NUMPY[arr.type]
-    if n == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.frombuffer(buf, dtype=dtype)[off: off + n].copy()
-
-
-_NUMPY = {pa.int64(): np.int64, pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8}
-
-
-def _int_array(values: np.ndarray, typ: pa.DataType, valid: np.ndarray | None = None
-               ) -> pa.Array:
-    """An integer Arrow array of ``values`` (null where ``valid`` is False)."""
-    data = np.ascontiguousarray(values, dtype=_NUMPY[typ])
-    bits, nulls = _validity(valid, data.size)
-    return pa.Array.from_buffers(typ, data.size, [bits, pa.py_buffer(data)], null_count=nulls)
-
-
-def _validity(valid: np.ndarray | None, n: int) -> tuple[pa.Buffer | None, int]:
-    if valid is None:
-        return None, 0
-    nulls = n - int(np.count_nonzero(valid))
-    if not nulls:
-        return None, 0
-    return pa.py_buffer(np.packbits(np.asarray(valid, dtype=bool), bitorder="little")), nulls
-
-
-def _bool_array(values: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
-    bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
-    vbits, nulls = _validity(valid, len(values))
-    return pa.Array.from_buffers(pa.bool_(), len(values), [vbits, pa.py_buffer(bits)],
-                                 null_count=nulls)
-
-
-def _binary_array(data: bytes | pa.Buffer, lengths: np.ndarray, typ: pa.DataType,
-                  valid: np.ndarray | None = None) -> pa.Array:
-    """A binary or string array of consecutive values of ``data`` (``lengths`` each)."""
-    offs = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offs[1:])
-    if offs[-1] >= 1 << 31:
-        raise ValueError("string column over 2 GiB")  # never: batches are a few MiB
-    vbits, nulls = _validity(valid, len(lengths))
-    return pa.Array.from_buffers(typ, len(lengths), [vbits, pa.py_buffer(
-        offs.astype(np.int32)), pa.py_buffer(data)], null_count=nulls)
-
-
-def _repeat(text: str, m: int, valid: np.ndarray | None = None) -> pa.Array:
-    """A string array of ``text`` m times (null where ``valid`` is False)."""
-    raw = text.encode()
-    k = m if valid is None else int(np.count_nonzero(valid))
-    lengths = np.full(m, len(raw), dtype=np.int64)
-    if valid is not None:
-        lengths[~np.asarray(valid, dtype=bool)] = 0
-    return _binary_array(raw * k, lengths, pa.string(), valid)
+# Arrow arrays here are built from buffers (observe.arrowlite), never with pa.array,
+# pa.scalar, a Python literal in a compute call or Array.to_numpy: each of those imports
+# pandas (~0.25 s of the process's time on the first call), which the capture path never needs.
 
 
 def _column(values: list[Any], typ: pa.DataType) -> pa.Array:
@@ -439,11 +382,11 @@ def _column(values: list[Any], typ: pa.DataType) -> pa.Array:
     if pa.types.is_string(typ):
         enc = [b"" if v is None else v.encode() for v in values]
         lengths = np.fromiter((len(v) for v in enc), dtype=np.int64, count=n)
-        return _binary_array(b"".join(enc), lengths, typ, valid)
+        return binary_array(b"".join(enc), lengths, typ, valid)
     if pa.types.is_boolean(typ):
-        return _bool_array(np.fromiter((bool(v) for v in values), dtype=bool, count=n), valid)
+        return bool_array(np.fromiter((bool(v) for v in values), dtype=bool, count=n), valid)
     ints = np.fromiter((0 if v is None else v for v in values), dtype=np.int64, count=n)
-    arr = _int_array(ints, pa.int64(), valid)
+    arr = int_array(ints, pa.int64(), valid)
     return arr if typ == pa.int64() else arr.cast(typ)
 
 
@@ -531,9 +474,9 @@ def _http1_requests(http: pa.Table) -> _Http1:
             http.column(c).null_count for c in ("conn_id", "frame", "ts_ns", "direction",
                                                  "data")):
         return _http1_requests_re(http)
-    conn = _numbers(http.column("conn_id"))
-    frame = _numbers(http.column("frame"))
-    ts = _numbers(http.column("ts_ns"))
+    conn = to_int(http.column("conn_id"))
+    frame = to_int(http.column("frame"))
+    ts = to_int(http.column("ts_ns"))
     data = http.column("data").combine_chunks()
     offs = np.frombuffer(data.buffers()[1], dtype=np.int32)[
         data.offset: data.offset + len(data) + 1]
@@ -554,13 +497,13 @@ def _http1_requests(http: pa.Table) -> _Http1:
     def text(k: int, valid: np.ndarray | None = None) -> pa.Array:
         lengths = np.maximum(fields[:, k + 1], 0)
         got = pcapcut.gather(values, np.ascontiguousarray(fields[:, k]), lengths)
-        return _text(_binary_array(got, lengths, pa.binary(), valid))
+        return _text(binary_array(got, lengths, pa.binary(), valid))
 
     return _Http1(
         conn_ids=conn[req_idx], frames=frame[req_idx], ts_ns=ts[order][req_idx],
         method=text(0), path=text(2), version=text(4), host=text(6, fields[:, 7] > 0),
-        status=_int_array(status, pa.int32(), paired),
-        denied=_bool_array(denied),
+        status=int_array(status, pa.int32(), paired),
+        denied=bool_array(denied),
     )
 
 
@@ -716,8 +659,3 @@ def live_batches(chunks: Iterator[LiveChunk], name: str) -> LiveRun:
     """Flow records from :func:`observe.live.capture_live` chunks; the final chunk (after a
     stop, a signal included) emits every connection still open."""
     return LiveRun(chunks, name)
-
-
-def frame_numbers(origins: pa.Array) -> np.ndarray:
-    """Packet numbers of ``'<file>:packet <n>'`` origins (tests and reports)."""
-    return np.array([int(str(o).rsplit(" ", 1)[1]) for o in origins.to_pylist()], dtype=np.int64)

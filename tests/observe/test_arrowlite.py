@@ -118,3 +118,14 @@ def test_observing_a_text_log_does_not_import_pandas(name: str, tmp_path: Path) 
                          check=True).stdout.split()
     assert got == ["0", "False"]
     assert pq.read_table(out).num_rows > 0
+
+
+def test_repeat_string_with_nulls_equals_pa_array() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from observe.arrowlite import repeat_string
+
+    got = repeat_string("rbac", 4, np.array([True, False, False, True]))
+    assert got.equals(pa.array(["rbac", None, None, "rbac"], pa.string()))
+    assert repeat_string("x", 2).equals(pa.array(["x", "x"], pa.string()))
