@@ -15,28 +15,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_buffers.h"
 #include <stdint.h>
 #include <string.h>
-
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, const char *what) {
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS) < 0) return -1;
-    b->held = 1;
-    if (itemsize > 1 && b->view.len % itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: length is not a multiple of %zd", what, itemsize);
-        return -1;
-    }
-    return 0;
-}
-
-static void rel_buf(Buf *b) {
-    if (b->held) PyBuffer_Release(&b->view);
-    b->held = 0;
-}
 
 /* A bytearray of n items of size sz; *out points to its storage. */
 static PyObject *new_array(Py_ssize_t n, Py_ssize_t sz, void **out) {
