@@ -155,7 +155,7 @@ CHUNK = 65536
 MAX_DIGITS = 18
 #: Use the compiled kernel when it is built (tests switch it off to compare both paths).
 USE_KERNEL = True
-_NULL_STR = pa.nulls(1, pa.string())[0]  # not pa.scalar: that imports pandas (0.15 s)
+_NULL_STR = arrowlite.null_scalar()  # not pa.scalar: that imports pandas (0.15 s)
 # Scalars for compute calls (a Python literal there imports pandas too).
 _DASH = arrowlite.string_scalar("-")
 _TRUE = arrowlite.bool_scalar(True)

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from observe import arrowlite
 from observe.envoy_format import (
     ISO_TIME_PATTERN,
     ISTIO_FIELDS,
@@ -62,10 +63,9 @@ _CHANGED = re.compile(r"Column\(/(.*)\) changed from \w+ to (\w+)")
 _ARROW_TYPE = {"number": pa.int64(), "string": pa.string(), "boolean": pa.bool_()}
 # Inferred types of non-Istio keys whose string form Arrow gives exactly as the reference.
 _PLAIN_EXTRA = (pa.string(), pa.int64(), pa.bool_(), pa.null())
-# Built from buffers: pa.scalar() would import pandas (0.15 s) when the module loads.
-_DASH = pa.StringArray.from_buffers(
-    1, pa.py_buffer(np.array([0, 1], dtype=np.int32)), pa.py_buffer(b"-"))[0]
-_NULL_STR = pa.nulls(1, pa.string())[0]  # not pa.scalar: that imports pandas (0.15 s)
+# From buffers (observe.arrowlite): pa.scalar() would import pandas when the module loads.
+_DASH = arrowlite.string_scalar("-")
+_NULL_STR = arrowlite.null_scalar()
 
 # Reasons, as the per-line reference words them.
 EMPTY = "empty line"
