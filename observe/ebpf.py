@@ -8,7 +8,7 @@ text is built by :func:`program` (not a ``.bt`` file): the parser below reads ex
 lines it prints (both come from one layout table, :data:`SIDE`), so the two are versioned
 together, and nothing has to be installed as package data.
 
-What the program does (all in the kernel, one output line per connection):
+What the program does (all in the kernel, one record per connection):
 
 - ``tracepoint:sock:inet_sock_set_state`` (stable since Linux 4.16), TCP only. ``SYN_SENT``
   is a client's ``connect()`` and runs in the caller's context: pid, comm and cgroup id are
@@ -21,21 +21,28 @@ What the program does (all in the kernel, one output line per connection):
   ESTABLISHED, the client socket with the mirrored 4-tuple is looked up in a map the
   clients fill at their own ESTABLISHED (for loopback addresses the key also holds the
   network namespace, since every pod has its own 127.0.0.1). The two sockets are paired:
-  the first to close leaves its close-time values in a map and prints nothing, the second
-  prints ONE line (``P``) with both sides. Half the output lines and half of bpftrace's
-  and meshwright's work for such connections. Unpaired sockets (the peer on another
-  machine, or reached through a service IP that NAT rewrote) print a ``C`` line at close.
+  the first to close leaves its close-time values in a map and records nothing, the second
+  records ONE entry with both sides: half the records, and half of bpftrace's and
+  meshwright's work, for such connections. Unpaired sockets (the peer on another machine,
+  or reached through a service IP that NAT rewrote) record their side alone at close.
 - A socket's fields at close: role, state bits, last state, ``sk_err`` (``ECONNREFUSED``
   tells a refused attempt from one that got no answer), start/end times, process, and the
   byte counters the kernel keeps in ``struct tcp_sock`` (read through BTF): ``bytes_acked``
   (sent and acknowledged) and ``bytes_received``. Both count sequence space, so the SYN
   (client side) and FIN are taken off: the FIN received when the socket has ``SOCK_DONE``,
   the FIN sent when one was sent and everything is acknowledged.
-- Output is bpftrace's text mode with a fixed layout: every number in fixed-width hex,
-  addresses as raw integers (formatted once per distinct address here), the command name
-  padded to 16 bytes. Every line of a kind has the same length, so the parser cuts a whole
-  read of the pipe into a 2-D byte array with numpy and decodes columns, no Python per line.
-  (Measured: bpftrace's JSON mode and ``ntop()`` formatting cost it more per event.)
+- Records are not printed one by one: a close writes its record (:data:`RECORD`) into one
+  of :data:`ROTATION` BPF hash maps, and a tick every :data:`TICK_MS` ms prints and clears
+  the map retired two ticks before (``print()``/``clear()``), then an ``E`` line with the
+  tick's time. A ``printf`` per connection cost bpftrace a perf-buffer wake-up, a
+  formatting pass and a write per event (about 20 us; 4.1 % of a core at 2,000
+  connections/s); a map printed in bulk costs it about a third of that (measured, see
+  benchmarks/RESULTS.md). Each write is also counted (``@Na = count()``...): a record that
+  did not fit in a full map (more than ``map_keys`` closes in one tick) is counted lost.
+  The maps are only safe to clear if bpftrace clears them within a tick; the parser
+  times each ``E`` line and counts ticks read later than that (:attr:`TraceStats.late_ticks`).
+  The parser reads a burst of entries in bulk with Arrow (split, cast), no Python per
+  record. Addresses are raw integers, formatted once per distinct address.
 - When the tracer stops, bpftrace prints its maps: connections established and still open
   become records with ``tcp_end`` ``open`` (no byte counts: nothing read them); a paired
   socket that closed while its peer is still open becomes its closed record.
@@ -62,8 +69,9 @@ Records are ``kind`` ``connection``, ``source`` ``ebpf``, ``origin`` ``ebpf:<nod
 ``inbound`` for the server's. The record format is one record per socket, as before the
 pairing: a connection between two local processes gives both an outbound and an inbound
 record (each with its own process, container and pod, so both pods are attributed and
-``learn`` sees each side as it would from two nodes); a ``P`` line is expanded into the
-two, which then share their ``origin``.
+``learn`` sees each side as it would from two nodes); a pair record is expanded into the
+two, which then share their ``origin``. The reduced program (no BTF) prints one
+fixed-layout line per socket (``N4``/``N6``, numbers in fixed-width hex) instead.
 """
 
 from __future__ import annotations
@@ -140,17 +148,28 @@ ADDR4: tuple[tuple[str, int], ...] = (("slo", 8), ("dlo", 8), ("ports", 8))
 ADDR6: tuple[tuple[str, int], ...] = (
     ("shi", 16), ("slo", 16), ("dhi", 16), ("dlo", 16), ("ports", 8))
 ADDRT: tuple[tuple[str, int], ...] = (("stext", 39), ("dtext", 39), ("ports", 8))
-#: Line kinds: prefix -> fields after it. ``C``: one socket; ``P``: a local pair, the
-#: socket that closed second first (its view of the addresses), then its peer.
+#: Printed line kinds (the reduced program, no BTF: one line per socket, addresses as
+#: bpftrace's ntop() text, padded): prefix -> fields after it.
 LAYOUTS: dict[bytes, tuple[tuple[str, int], ...]] = {
-    b"C4": ADDR4 + SIDE,
-    b"C6": ADDR6 + SIDE,
-    b"P4": ADDR4 + SIDE + tuple((f"{n}2", w) for n, w in SIDE),
-    b"P6": ADDR6 + SIDE + tuple((f"{n}2", w) for n, w in SIDE),
-    # The reduced program (no BTF): addresses as bpftrace's ntop() text, padded.
     b"N4": ADDRT + SIDE,
     b"N6": ADDRT + SIDE,
 }
+#: A connection record of the BTF program, the value of a rotation map entry (key: the
+#: close time and the CPU): integers, then the peer's command name and the socket's own.
+#: Addresses as in :data:`ADDR6` (IPv4: ``shi``/``dhi`` 0), ``ports`` = sport << 16 | dport
+#: | v6 << 32, ``wordpid`` = ``word`` | pid << 32. The ``*2`` fields are a local pair's other
+#: socket (its ``wordpid2`` 0: no peer), its addresses being the mirror image.
+RECORD: tuple[str, ...] = (
+    "shi", "slo", "dhi", "dlo", "ports", "wordpid", "start", "cgroup", "acked", "rcvd",
+    "wordpid2", "start2", "end2", "cgroup2", "acked2", "rcvd2")
+#: Records go into one of ``ROTATION`` maps (``@Ra``, ``@Rb``, ...; ``@Na``... count the
+#: writes), the current one chosen by ``@ep``, which a tick every ``TICK_MS`` advances; the
+#: tick prints and clears the map retired two ticks ago, so a writer still busy with its
+#: record (it read ``@ep`` before the tick) has a whole tick to finish, and bpftrace has a
+#: whole tick to clear it before writers come back to it.
+ROTATION = 4
+ROTATION_MAPS = "abcd"
+TICK_MS = 500
 #: Fields printed as padded text (``%-Ns``), not hex.
 TEXT_FIELDS = frozenset({"comm", "comm2", "stext", "dtext"})
 
@@ -212,37 +231,71 @@ _PAIR = _NETNS + """
         }
       }"""
 _SIDE_ARGS = "$w, @t[$sk], nsecs, @p[$sk], @g[$sk], $acked, $rcvd, @m[$sk]"
-_PEER_ARGS = ("@w[$sk].0, @w[$sk].1, @w[$sk].2, @w[$sk].3, @w[$sk].4, @w[$sk].5, @w[$sk].6, "
-              "@wm[$sk]")
 _FORGET = ("delete(@t[{k}]); delete(@r[{k}]); delete(@p[{k}]); delete(@g[{k}]); "
            "delete(@m[{k}]); delete(@f[{k}]); delete(@a[{k}]); delete(@q[{k}]); "
            "delete(@w[{k}]); delete(@wm[{k}]);")
 # A paired socket closing leaves all its fields (and its own address, last) under its PEER's
 # address (@w, @wm): the peer is still open, so no new socket can have that address (its own
 # could: the kernel frees a socket at close and may reuse the memory at once). It then
-# looks for its peer's fields under its own address: found, it prints the pair. Writing
+# looks for its peer's fields under its own address: found, it records the pair. Writing
 # before looking means two sockets closing at the same moment on two CPUs cannot both miss
-# each other (both may print: the parser drops the second copy); a stale entry left for a
+# each other (both may record it: the parser drops the second copy); a stale entry left for a
 # reused address names another peer and is ignored.
 _CLOSE_PAIRED = """
+    $now = nsecs;
+    $keep = 1;
+    $p0 = (uint64)0; $p1 = (uint64)0; $p2 = (uint64)0; $p3 = (uint64)0; $p4 = (uint64)0;
+    $p5 = (uint64)0;
     $q = @q[$sk];
     if ($q) {
       if (@w[$sk].7 != $q) {
-        @w[$q] = ($w, @t[$sk], nsecs, @p[$sk], @g[$sk], $acked, $rcvd, $sk);
+        @w[$q] = ($w, @t[$sk], $now, @p[$sk], @g[$sk], $acked, $rcvd, $sk);
         @wm[$q] = @m[$sk];
       }
       if (@w[$sk].7 == $q) {
-        if ($v6) { printf(%(P6)s, $sh, $sl, $dh, $dl, $pt, %(SIDE)s, %(PEER)s); }
-        else { printf(%(P4)s, $sl, $dl, $pt, %(SIDE)s, %(PEER)s); }
+        $p0 = @w[$sk].0 | (@w[$sk].3 << 32); $p1 = @w[$sk].1; $p2 = @w[$sk].2;
+        $p3 = @w[$sk].4; $p4 = @w[$sk].5; $p5 = @w[$sk].6;
+      } else {
+        $keep = 0;
       }
     } else {
       if (@r[$sk] == 1) {%(NETNS)s
         delete(@e[$sh, $sl, $dh, $dl, $pt | ($v6 << 32), $ns]);
       }
-      %(PRINT_C)s
+    }
+    if ($keep) {
+      $slot = @ep %% %(ROTATION)d;
+%(STORE_RECORD)s
     }"""
-_PRINT_C = """if ($v6) { printf(%(C6)s, $sh, $sl, $dh, $dl, $pt, %(SIDE)s); }
-      else { printf(%(C4)s, $sl, $dl, $pt, %(SIDE)s); }"""
+_RECORD_VALUE = ("($sh, $sl, $dh, $dl, $pt | ($v6 << 32), $w | (@p[$sk] << 32), @t[$sk], "
+                 "@g[$sk], $acked, $rcvd, $p0, $p1, $p2, $p3, $p4, $p5, @wm[$sk], @m[$sk])")
+
+
+def _store_record() -> str:
+    """The close handler's write of a record into the current rotation map."""
+    out = []
+    for i, letter in enumerate(ROTATION_MAPS):
+        test = "if" if i == 0 else "} else if"
+        out.append(f"      {test} ($slot == {i}) {{\n"
+                   f"        @R{letter}[$now, cpu] = {_RECORD_VALUE};\n"
+                   f"        @N{letter} = count();")
+    return "\n".join(out) + "\n      }"
+
+
+def _rotate() -> str:
+    """The tick: move writers to the next map, print and empty the one retired two ticks
+    ago (no writer can still be writing to it), then the end marker."""
+    out = [f"interval:ms:{TICK_MS}", "{", "  @ep = @ep + 1;", "  $now = nsecs;",
+           f"  $old = (@ep + {ROTATION - 2}) % {ROTATION};"]
+    for i, letter in enumerate(ROTATION_MAPS):
+        test = "if" if i == 0 else "} else if"
+        out.append(f"  {test} ($old == {i}) {{\n"
+                   f"    print(@R{letter}); print(@N{letter}); "
+                   f"clear(@R{letter}); clear(@N{letter});")
+    out += ["  }", '  printf("E %016llx\\n", $now);', "}"]
+    return "\n".join(out)
+
+
 _PRINT_N = """if (args->family == 10) {
         printf(%(N6)s, ntop(args->saddr_v6), ntop(args->daddr_v6), $pt, %(SIDE)s);
       } else { printf(%(N4)s, ntop(args->saddr), ntop(args->daddr), $pt, %(SIDE)s); }"""
@@ -308,10 +361,8 @@ def program(*, btf: bool = True, sk_flags: str = SK_FLAGS_NEW) -> str:
     """The bpftrace program; ``btf=False`` is the reduced form for kernels without BTF,
     ``sk_flags`` the expression reading ``struct sock``'s flags (:func:`sk_flags_field`)."""
     fmts = {k.decode(): _fmt(k) for k in LAYOUTS}
-    print_c = _PRINT_C % {**fmts, "SIDE": _SIDE_ARGS}
     if btf:
-        close = _CLOSE_PAIRED % {**fmts, "SIDE": _SIDE_ARGS, "PEER": _PEER_ARGS,
-                                 "PRINT_C": print_c,
+        close = _CLOSE_PAIRED % {"ROTATION": ROTATION, "STORE_RECORD": _store_record(),
                                  "NETNS": _NETNS.replace("\n      ", "\n          ")}
         reads = _KERNEL_READS_BTF % {"SK_FLAGS": sk_flags}
         pair = _PAIR
@@ -325,8 +376,8 @@ def program(*, btf: bool = True, sk_flags: str = SK_FLAGS_NEW) -> str:
         "KERNEL_READS": reads,
         "CLOSE": close,
         "FORGET": _FORGET.format(k="$sk"),
-        "ACCEPT": _ACCEPT_BTF if btf else "",
-        "END": "clear(@e); clear(@f); clear(@q);" if btf else "clear(@f);",
+        "ACCEPT": _ACCEPT_BTF + "\n" + _rotate() if btf else "",
+        "END": "clear(@e); clear(@f); clear(@q); clear(@ep);" if btf else "clear(@f);",
     }
     if not btf:
         text = text.replace("(($err & 0xff) << 8)", "(($err & 0xff) << 8) | $nokernel")
@@ -368,11 +419,11 @@ class TraceStats:
     lines: int = 0
     """Lines the tracer printed (not counting blank ones)."""
     events: int = 0
-    """Connection lines (one per closed socket, or per local pair of sockets)."""
+    """Connection records read (one per closed socket, or per local pair of sockets)."""
     pairs: int = 0
-    """Connection lines holding both ends of a local connection (two records each)."""
+    """Connection records holding both ends of a local connection (two flow records each)."""
     duplicates: int = 0
-    """Second copies of a pair line (both sockets closed at once), dropped."""
+    """Second copies of a pair record (both sockets closed at once), dropped."""
     connections: int = 0
     """Connection records produced (closed and still open at the stop)."""
     refused: int = 0
@@ -386,7 +437,10 @@ class TraceStats:
     pending_at_stop: int = 0
     """Sockets still connecting when the tracer stopped (no record: no addresses yet)."""
     lost: int = 0
-    """Events the kernel dropped (bpftrace's "Lost N events"): connections not reported."""
+    """Connections not reported: events the kernel dropped (bpftrace's "Lost N events"),
+    records that did not fit in a full rotation map."""
+    late_ticks: int = 0
+    """Ticks whose output was read over a second late: records may be lost uncounted."""
     malformed: int = 0
     """Lines that were not what the program prints (counted, skipped)."""
     attributed: int = 0
@@ -510,6 +564,11 @@ _U64 = (1 << 64) - 1
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[_c] = _i
+_TICK_LINE = re.compile(rb"E ([0-9a-f]{16})")
+_COUNT_LINE = re.compile(rb"@N[a-z]: (\d+)")
+#: A tick read later than this after it happened: bpftrace may have cleared a rotation map
+#: after writers came back to it (see :data:`ROTATION`), losing records uncounted.
+LATE_TICK_NS = (ROTATION - 2) * TICK_MS * 1_000_000
 _MAP_LINE = re.compile(rb"@(\w+)\[(-?\d+)\]: (.*?)(?=@\w+\[-?\d+\]: |$)", re.S)
 
 
@@ -583,6 +642,22 @@ def _texts(block: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return index, [u.decode("utf-8", "replace").rstrip(" ") for u in raw]
 
 
+def _uint64_grid(flat: pa.Array, base: np.ndarray, width: int) -> np.ndarray:
+    """The decimal fields ``base + 0 .. base + width - 1`` of ``flat`` as an (n, width) array;
+    raises ``pa.ArrowInvalid`` when one is not a number."""
+    index = pa.array((base[:, None] + np.arange(width)).ravel())
+    values = pc.cast(flat.take(index), pa.uint64()).to_numpy(zero_copy_only=False)
+    return values.astype(np.uint64).reshape(len(base), width)
+
+
+def _texts_of(raw: pa.Array) -> np.ndarray:
+    """Binary values as an object array of str (bytes that are not UTF-8 replaced)."""
+    try:
+        return raw.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
+    except pa.ArrowInvalid:
+        return np.array([b.decode("utf-8", "replace") for b in raw.to_pylist()], dtype=object)
+
+
 def _labels(choice: np.ndarray, labels: tuple[str, ...]) -> pa.Array:
     """Strings by index (the few values a column takes), without a Python object per row."""
     return pa.array(labels, pa.string()).take(pa.array(choice.astype(np.int8)))
@@ -611,8 +686,13 @@ class TraceParser:
         self._maps: dict[str, dict[int, bytes]] = {}
         self._tail = b""
         self._pairs_seen: dict[tuple[int, int, int, int], None] = {}
+        self._perf_lost = 0
+        self._written = 0  # records the kernel wrote into the rotation maps (their counts)
+        self._printed = 0  # rotation map entries read
         self.attached = False
         """True once bpftrace reported its probes attached."""
+        self.read_at_ns: int | None = None
+        """When the data being fed was read (monotonic ns): tells how late a tick came."""
 
     @property
     def pending(self) -> int:
@@ -645,6 +725,10 @@ class TraceParser:
         second = np.where(lengths > 1, buf[np.minimum(starts + 1, len(buf) - 1)], 0)
         done = ~nonblank
         sides: list[dict[str, np.ndarray]] = []
+        records = (first == ord("@")) & (second == ord("R"))
+        if records.any():
+            done |= records
+            sides.extend(self._records(data, starts, ends, records, numbers))
         for prefix, (cuts, width) in _CUTS.items():
             mine = (lengths == width) & (first == prefix[0]) & (second == prefix[1])
             if not mine.any():
@@ -656,6 +740,81 @@ class TraceParser:
             self._add({k: np.concatenate([s[k] for s in sides]) for k in _SOCK_KEYS})
         for i in np.flatnonzero(~done):
             self._other(data[starts[i]:ends[i]])
+        self.stats.lost = self._perf_lost + max(0, self._written - self._printed)
+
+    def add_lost(self, n: int) -> None:
+        """Events bpftrace reported lost outside its output (on its standard error)."""
+        self._perf_lost += n
+        self.stats.lost = self._perf_lost + max(0, self._written - self._printed)
+
+    def _records(self, data: bytes, starts: np.ndarray, ends: np.ndarray, mask: np.ndarray,
+                 numbers: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Rotation map entries (``@Ra[<close time>, <cpu>]: (<RECORD>, <peer comm>, <comm>)``,
+        numbers in decimal) -> one side per socket, as :meth:`_decode` gives."""
+        rows = np.flatnonzero(mask)
+        self._printed += len(rows)
+        bounds = np.append(starts, ends[-1] + 1).astype(np.int64)  # each line with its \n
+        lines = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(starts), [None, pa.py_buffer(bounds), pa.py_buffer(data)]
+        ).filter(pa.array(mask))
+        body = pc.replace_substring(pc.binary_slice(lines, 4, -2), b"]: (", b", ",
+                                    max_replacements=1)
+        ints = 2 + len(RECORD)  # close time, cpu, the record's integers
+        width = ints + 2  # and the two command names (the last one takes any rest)
+        parts = pc.split_pattern(body, b", ", max_splits=width - 1)
+        ok = (pc.list_value_length(parts).to_numpy(zero_copy_only=False) == width) & \
+            pc.ends_with(lines, b")\n").to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(parts.filter(pa.array(ok)))
+        base = np.arange(int(ok.sum()), dtype=np.int64) * width
+        line = numbers[rows[ok]]
+        try:  # all numbers valid: the usual case, no check per field needed
+            table = _uint64_grid(flat, base, ints)
+        except pa.ArrowInvalid:
+            fields = flat.take(pa.array((base[:, None] + np.arange(ints)).ravel()))
+            valid = pc.match_substring_regex(fields, rb"^[0-9]{1,20}$").to_numpy(
+                zero_copy_only=False).reshape(len(base), ints).all(axis=1)
+            base, line = base[valid], line[valid]
+            table = _uint64_grid(flat, base, ints)
+        n = len(base)
+        self.stats.malformed += len(rows) - n
+        peer_comm, own_comm = (_texts_of(flat.take(pa.array(base + k))) for k in (ints, ints + 1))
+        # A command name holding ", " makes the split of the two names uncertain: both unknown.
+        unsure = pc.match_substring(flat.take(pa.array(base + ints + 1)), b", ").to_numpy(
+            zero_copy_only=False)
+        if unsure.any():
+            peer_comm[unsure], own_comm[unsure] = "", ""
+        col = {name: table[:, 2 + i] for i, name in enumerate(RECORD)}
+        self.stats.events += n
+        ports = col["ports"]
+        v6 = (ports >> np.uint64(32)) & np.uint64(1)
+        lport, rport = (ports >> np.uint64(16)) & np.uint64(0xFFFF), ports & np.uint64(0xFFFF)
+        mask32 = np.uint64(0xFFFFFFFF)
+        own = {
+            "line": line, "num": line, "dump": np.zeros(n, dtype=bool), "v6": v6,
+            "lhi": col["shi"], "llo": col["slo"], "rhi": col["dhi"], "rlo": col["dlo"],
+            "lport": lport, "rport": rport, "comm": own_comm, "open": np.zeros(n, dtype=bool),
+            "word": col["wordpid"] & mask32, "pid": col["wordpid"] >> np.uint64(32),
+            "start": col["start"], "end": table[:, 0], "cgroup": col["cgroup"],
+            "acked": col["acked"], "rcvd": col["rcvd"],
+        }
+        paired = col["wordpid2"] != 0
+        if not paired.any():
+            return [own]
+        peer = {
+            "line": line, "num": line, "dump": np.zeros(n, dtype=bool), "v6": v6,
+            "lhi": col["dhi"], "llo": col["dlo"], "rhi": col["shi"], "rlo": col["slo"],
+            "lport": rport, "rport": lport, "comm": peer_comm, "open": np.zeros(n, dtype=bool),
+            "word": col["wordpid2"] & mask32, "pid": col["wordpid2"] >> np.uint64(32),
+            "start": col["start2"], "end": col["end2"], "cgroup": col["cgroup2"],
+            "acked": col["acked2"], "rcvd": col["rcvd2"],
+        }
+        sides = [{k: v[paired] for k, v in own.items()}, {k: v[paired] for k, v in peer.items()}]
+        first = self._first_copies(sides)
+        self.stats.pairs += int(first.sum())
+        if not first.all():
+            self.stats.events -= int((~first).sum())
+            sides = [{k: v[first] for k, v in side.items()} for side in sides]
+        return [{k: v[~paired] for k, v in own.items()}, *sides]
 
     def _decode(self, prefix: bytes, cuts: dict[str, tuple[int, int]], rows: np.ndarray,
                 numbers: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -721,7 +880,7 @@ class TraceParser:
         return out
 
     def _first_copies(self, sides: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Which pair lines were not printed before (by the other socket of the pair)."""
+        """Which pair records were not seen before (from the other socket of the pair)."""
         a, b = sides
         keep = np.ones(len(a["line"]), dtype=bool)
         seen = self._pairs_seen
@@ -748,7 +907,17 @@ class TraceParser:
             return
         lost = _LOST_TEXT.search(text)
         if lost:
-            self.stats.lost += int(lost.group(1))
+            self._perf_lost += int(lost.group(1))
+            return
+        tick = _TICK_LINE.fullmatch(text)
+        if tick:
+            if self.read_at_ns is not None and \
+                    self.read_at_ns - int(tick.group(1), 16) > LATE_TICK_NS:
+                self.stats.late_ticks += 1
+            return
+        count = _COUNT_LINE.fullmatch(text)
+        if count:
+            self._written += int(count.group(1))
             return
         if text.startswith(b"@"):
             found = False
@@ -1046,6 +1215,7 @@ def trace_connections(
                 chunk = None
             else:
                 chunk = os.read(fd, PIPE_BYTES)
+                parser.read_at_ns = time.monotonic_ns()
                 if not chunk:
                     break
             if chunk:
@@ -1068,11 +1238,16 @@ def trace_connections(
         for line in b"".join(errors).splitlines():  # (text mode reports them on stdout)
             lost = _LOST_TEXT.search(line)
             if lost:
-                stats.lost += int(lost.group(1))
+                parser.add_lost(int(lost.group(1)))
         warnings = _warnings(errors)
         if warnings:
             stats.notes.append(f"bpftrace: {warnings}")
         parser.finish()
+        if stats.late_ticks:
+            stats.notes.append(
+                f"the tracer's output was read over {LATE_TICK_NS / 1e9:.0f} s after its tick "
+                f"{stats.late_ticks} times (node overloaded?): connections may be missing "
+                "uncounted")
         if parser.pending:
             yield parser.take()
     finally:
