@@ -53,9 +53,14 @@ What is and is not known:
   how it ended (FIN, RST, timeout), duration, payload bytes each way (exact on loopback;
   ``bytes_acked`` leaves out what was sent but never acknowledged), the local process
   (pid, comm) and, from its cgroup, container and pod UID.
-- Not known: the payload. Whether a connection carried TLS needs the first bytes written
-  (a kprobe/fentry on ``tcp_sendmsg`` or uprobes on ``SSL_write``); kernels built without
-  kprobes (like the one this was developed on) cannot attach those, so ``mtls`` is
+- Not known: the payload. Whether a connection carried TLS needs the first bytes written:
+  a kprobe/fentry on ``tcp_sendmsg``, or the raw arguments (the ``msghdr``) of the
+  ``tcp:tcp_sendmsg_locked`` tracepoint (Linux 6.10+; its tracepoint fields hold only the
+  skb, before the data is copied in). The development kernel has neither kprobes nor
+  fentry ("kfunc/kretfunc not available") and bpftrace 0.17 rejects raw tracepoints
+  ("Invalid probe type"); the syscall tracepoints on ``write``/``writev``/``sendto``/
+  ``sendmsg`` would work but run for every write on the node, files and pipes included:
+  measured, +0.7 us per ``write()`` just to find the socket behind the fd. So ``mtls`` is
   ``unknown`` on every eBPF record. Connections already open when the tracer started are
   reported at close as ``midstream`` (their side guessed from the ephemeral port range);
   connections accepted through io_uring carry no server process. Without kernel BTF the
