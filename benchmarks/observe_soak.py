@@ -1,15 +1,18 @@
 """Soak: ``meshwright observe --kube`` fed >= 10,000 proxy log lines/s from the local fake API
 server for a bounded time; memory must stay flat; CPU per 1,000 lines/s is measured.
 
-    python benchmarks/observe_soak.py [--seconds 60] [--rate 12000] [--pods 24] [--no-record]
+    python benchmarks/observe_soak.py [--seconds 120] [--rate 12000] [--pods 24] [--no-churn]
+                                      [--emit-every 60s] [--no-record]
 
-The fake API server (tests/support/kube_watch_api.py) runs in this process with ``--pods``
-meshed pods; a writer appends real Istio access lines (the istio docs sample, one path per
-line) at ``--rate`` lines/s in total. The observer runs as a child process (8 log workers,
-commits every 5 s, no emission), so its CPU time (``/proc/<pid>/stat`` utime + stime) and RSS
-(``VmRSS``, sampled every 2 s) are its own. At the end it is stopped with SIGTERM and the store
-is checked: rows == lines written (every line once). Appends a dated entry to
-``benchmarks/RESULTS.md``.
+The load is tests/support/soak_load.py (the same as tests/meshwright/test_observe_soak.py): a
+fake API server in a process of its own with ``--pods`` meshed pods whose istio-proxy logs grow
+by real Istio access lines (a unique path each) at ``--rate`` lines/s in total, pods deleted and
+added (one on a deleted pod's IP) and log responses cut mid-line. The observer is a child
+process (8 log workers, slices of 5 s, commits every 5 s; no emission unless ``--emit-every``),
+so its CPU time (``/proc/<pid>/stat`` utime + stime; emit processes it waited for counted
+apart, cutime + cstime) and RSS (``VmRSS``, every 2 s) are its own. At the end the writer stops,
+the observer catches up, and it is stopped with SIGTERM; the store is checked: rows == lines
+written. Appends a dated entry to ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -21,145 +24,137 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import pyarrow.parquet as pq  # noqa: E402
-from support.kube_watch_api import WatchApiServer, _kubeconfig  # noqa: E402
-
-LINE = (ROOT / "tests" / "data" / "envoy-logs" /
-        "istio-docs-access-log-sleep-httpbin.log").read_text().splitlines()[0]
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _pod(name: str, ip: str) -> dict[str, object]:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "soak", "uid": f"uid-{name}",
-                         "creationTimestamp": "2020-11-25T00:00:00Z",
-                         "labels": {"app": name.rsplit("-", 1)[0]}},
-            "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy"}]},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                       "startTime": "2020-11-25T00:00:00Z"}}
+from support.soak_load import (  # noqa: E402
+    NAMESPACE,
+    TICKS,
+    SoakCluster,
+    cpu_seconds,
+    rss_mib,
+    stored_rows,
+)
 
 
-def _cpu_seconds(pid: int) -> float:
+def _children_cpu(pid: int) -> float:
+    """CPU of the process's children it waited for (its emit processes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return (int(fields[13]) + int(fields[14])) / TICKS
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
     return 0.0
 
 
-def _rows(state: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows
-               for f in (state / "flows").rglob("*.parquet") if not f.name.startswith("."))
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--rate", type=int, default=12_000, help="lines/s written in total")
     ap.add_argument("--pods", type=int, default=24)
+    ap.add_argument("--no-churn", action="store_true", help="no pod churn, no cut streams")
+    ap.add_argument("--emit-every", default="0", metavar="SPAN",
+                    help="re-learn in the background this often (default: never)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
-    pods = [f"client-{i}" for i in range(args.pods)]
-    written = 0
-    stop = threading.Event()
-    with tempfile.TemporaryDirectory() as tmp, WatchApiServer(hold_seconds=30) as srv:
-        srv.put({"apiVersion": "v1", "kind": "Namespace",
-                 "metadata": {"name": "soak", "uid": "ns-soak"}})
-        for i, name in enumerate(pods):
-            srv.put(_pod(name, f"10.60.{i // 250}.{i % 250 + 1}"))
-            # The proxy's start-up line (a log exists from the start: no log is a 404).
-            srv.log("soak", name, "istio-proxy", time.time_ns() - 10**9,
-                    "2020-11-25T00:00:00.000000Z\tinfo\tEnvoy proxy is ready")
-        kubeconfig = _kubeconfig(Path(tmp), srv.url)
+    port = _free_port()
+    samples: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp, SoakCluster(
+            rate=args.rate, pods=args.pods, planned=args.seconds,
+            churn=not args.no_churn) as cluster:
         state = Path(tmp) / "state"
-
-        def writer() -> None:
-            nonlocal written
-            step = 0.05
-            per_step = max(1, int(args.rate * step))
-            base = time.time_ns()
-            nxt = time.monotonic()
-            while not stop.is_set():
-                with srv.cond:
-                    for k in range(per_step):
-                        n = written + k
-                        pod = pods[n % len(pods)]
-                        text = LINE.replace("/status/418", f"/status/{n}")
-                        srv.logs.setdefault(("soak", pod, "istio-proxy"), []).append(
-                            (base + n * 1000, text))
-                    written += per_step
-                    srv.cond.notify_all()
-                nxt += step
-                time.sleep(max(0.0, nxt - time.monotonic()))
-
         cmd = [sys.executable, "-m", "meshwright", "observe", "--kube", "--kubeconfig",
-               kubeconfig, "-n", "soak", "--state", str(state), "--emit-every", "0",
-               "--flush-every", "5", "--log-read-timeout", "2", "--log-slice", "5", "-q"]
+               cluster.kubeconfig(Path(tmp)), "-n", NAMESPACE, "--state", str(state),
+               "--emit-every", args.emit_every, "--flush-every", "5", "--log-read-timeout",
+               "2", "--log-slice", "5", "--listen", f"127.0.0.1:{port}", "-q"]
         proc = subprocess.Popen(cmd, cwd=ROOT)
-        time.sleep(3.0)  # start-up (imports, first list) is not part of the soak
-        t = threading.Thread(target=writer, daemon=True)
-        cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
-        t.start()
-        samples: list[tuple[float, float]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # start-up (imports, first list) is not measured
+            try:
+                if _metric(port, "meshwright_log_streams") >= args.pods:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        cluster.start()
+        cpu0, emit_cpu0, t0 = cpu_seconds(proc.pid), _children_cpu(proc.pid), time.monotonic()
         while time.monotonic() - t0 < args.seconds:
             time.sleep(2.0)
-            samples.append((time.monotonic() - t0, _rss_mib(proc.pid)))
-        stop.set()
-        t.join()
-        elapsed_write = time.monotonic() - t0
+            samples.append((time.monotonic() - t0, rss_mib(proc.pid)))
+        written = cluster.stop()
         # Let the observer catch up with what was written, then measure.
-        deadline = time.monotonic() + 60
-        while _rows(state) < written and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while stored_rows(state) < written.written and time.monotonic() < deadline:
             time.sleep(0.5)
-        cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+        cpu1, emit_cpu1, t1 = cpu_seconds(proc.pid), _children_cpu(proc.pid), time.monotonic()
+        emits = _metric(port, "meshwright_emits_total")
+        skipped = _metric(port, "meshwright_emit_skipped_total")
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
-        rows = _rows(state)
+        rows = stored_rows(state)
 
     cpu = cpu1 - cpu0
+    emit_cpu = emit_cpu1 - emit_cpu0
     wall = t1 - t0
-    rate = written / elapsed_write
-    per_k = cpu / written * 1000  # CPU seconds per 1,000 lines = cores per 1,000 lines/s
-    half = len(samples) // 2
-    early = max(r for _, r in samples[:half]) if half else 0.0
-    late = max(r for _, r in samples[half:]) if samples else 0.0
-    print(f"written {written:,} lines in {elapsed_write:.1f}s ({rate:,.0f}/s); stored {rows:,}; "
-          f"exit {code}")
+    rate = written.written / written.seconds
+    per_k = cpu / written.written * 1000  # CPU seconds per 1,000 lines = cores per 1,000 lines/s
+    third = len(samples) // 3
+    early = max(r for t, r in samples[:third]) if third else 0.0
+    late = max(r for t, r in samples[-third:]) if third else 0.0
+    churn = "no churn" if args.no_churn else "churn: " + ", ".join(
+        f"{a} {x} at {t:.0f}s" for t, a, x in written.events)
+    print(f"written {written.written:,} lines in {written.seconds:.1f}s ({rate:,.0f}/s); stored "
+          f"{rows:,}; exit {code}")
     print(f"observer CPU {cpu:.1f}s over {wall:.1f}s = {cpu / wall:.2f} cores; "
-          f"{per_k * 100:.1f}% of a core per 1,000 lines/s")
-    print(f"RSS MiB max first half {early:.0f}, second half {late:.0f}; samples "
+          f"{per_k * 100:.2f}% of a core per 1,000 lines/s; emit processes {emit_cpu:.1f}s "
+          f"({emits:.0f} published, {skipped:.0f} skipped)")
+    print(f"RSS MiB max first third {early:.0f}, last third {late:.0f}; samples "
           + ", ".join(f"{r:.0f}" for _, r in samples))
-    ok = rows == written and code == 0
+    print(churn)
+    ok = rows == written.written and code == 0
     if not args.no_record:
+        emitting = ("no emission" if args.emit_every in ("0", "0s", "never") else
+                    f"`--emit-every {args.emit_every}` ({emits:.0f} proposals published in the "
+                    f"background, {skipped:.0f} skipped, emit processes {emit_cpu:.1f} CPU s "
+                    f"not counted above)")
         with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as fh:
             fh.write(
                 f"\n## observe --kube soak - {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n\n"
                 f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
                 f"{platform.python_version()}, Linux {platform.release()}. "
                 f"`python benchmarks/observe_soak.py --seconds {args.seconds:g} --rate "
-                f"{args.rate} --pods {args.pods}`: the fake API server (same machine, same "
-                f"cores) serves {args.pods} istio-proxy logs; the observer is a child process "
-                f"(8 log workers, commit every 5 s, no emission).\n\n"
+                f"{args.rate} --pods {args.pods}"
+                f"{' --no-churn' if args.no_churn else ''}"
+                f"{'' if args.emit_every == '0' else ' --emit-every ' + args.emit_every}`: the "
+                f"fake API server (tests/support/soak_load.py, its own process, same machine "
+                f"and cores) serves {args.pods} istio-proxy logs; the observer is a child "
+                f"process (8 log workers, slices of 5 s, commit every 5 s, {emitting}).\n\n"
                 f"| lines written | lines/s | stored rows | observer CPU s | wall s | cores "
-                f"| % of a core per 1,000 lines/s | RSS MiB first half max | second half max |\n"
+                f"| % of a core per 1,000 lines/s | RSS MiB first third max | last third max |\n"
                 f"|---|---|---|---|---|---|---|---|---|\n"
-                f"| {written:,} | {rate:,.0f} | {rows:,} | {cpu:.1f} | {wall:.1f} | "
-                f"{cpu / wall:.2f} | {per_k * 100:.1f} | {early:.0f} | {late:.0f} |\n\n"
+                f"| {written.written:,} | {rate:,.0f} | {rows:,} | {cpu:.1f} | {wall:.1f} | "
+                f"{cpu / wall:.2f} | {per_k * 100:.2f} | {early:.0f} | {late:.0f} |\n\n"
                 f"RSS samples every 2 s (MiB): {', '.join(f'{r:.0f}' for _, r in samples)}.\n"
-                f"Every line stored exactly once: {'yes' if rows == written else 'NO'}; "
+                f"{churn[0].upper() + churn[1:]}.\n"
+                f"Every line stored exactly once: {'yes' if rows == written.written else 'NO'}; "
                 f"exit code after SIGTERM: {code}.\n")
     return 0 if ok else 1
 

@@ -50,6 +50,10 @@ examples:
       live capture (root or CAP_NET_RAW); Ctrl-C or SIGTERM stops it and keeps what was seen
   meshwright observe --ebpf --duration 300 -o node-flows.parquet
       eBPF connection tracing (bpftrace); Ctrl-C or SIGTERM stops it, open connections kept
+  meshwright observe --ebpf --send http://meshwright-observer.meshwright.svc:9090/v1/flows \\
+      --spool /var/lib/meshwright/spool --token-file /var/run/secrets/meshwright/token
+      trace this node until SIGTERM and ship its flows to the observer every 10 s (spooled
+      on disk until acknowledged: exactly once across restarts of either side)
   meshwright observe --kube -A --state /var/lib/meshwright --emit-every 15m --listen :9090
       observe mode on a live cluster: proxy logs through the API, flows and proposals
       under --state, resumes where it stopped; SIGTERM commits and exits
@@ -249,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="trace every TCP connection of this machine with bpftrace "
                       "(root or CAP_BPF+CAP_PERFMON); records carry pid, command, container "
                       "and pod UID")
+    ebpf.add_argument("--ebpf-map-entries", type=_positive_int, default=65536, metavar="N",
+                      help="entries per BPF map (default 65536): connections open at once that "
+                      "are followed from their start, and closes per half second; the kernel "
+                      "memory of the maps grows with it (about 130 MiB at 65536)")
+    ebpf.add_argument("--send", metavar="URL",
+                      help="instead of -o: ship the flows to a running observer's /v1/flows "
+                      "(meshwright observe --kube --listen), e.g. "
+                      "http://meshwright-observer.meshwright.svc:9090/v1/flows")
+    ebpf.add_argument("--spool", metavar="DIR",
+                      help="--send: keep shipments here until the observer acknowledged them "
+                      "(kept across restarts; default: a temporary directory, lost at exit)")
+    ebpf.add_argument("--spool-max-bytes", type=_size, default=None, metavar="SIZE",
+                      help="--send: spool at most SIZE (e.g. 512Mi, the default); when full "
+                      "the oldest shipments are dropped, counted and logged")
+    ebpf.add_argument("--token-file", metavar="FILE",
+                      help="--send: bearer token, read again for every shipment (default "
+                      "/var/run/secrets/meshwright/token when it exists)")
+    ebpf.add_argument("--drain-timeout", type=_positive_float, default=None, metavar="S",
+                      help="--send: at the stop, keep delivering what is spooled for at most S "
+                      "seconds (default 20; the rest waits in the spool)")
     live = observe.add_argument_group("live capture (instead of INPUT files)")
     live.add_argument("--iface", metavar="IFACE",
                       help="capture on this network interface, or 'any' (all of them)")
@@ -258,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop after S seconds (default: until Ctrl-C / SIGTERM)")
     live.add_argument("--count", type=_positive_int, metavar="N",
                       help="stop after N packets")
-    live.add_argument("--flush-every", type=_positive_float, default=5.0, metavar="S",
+    live.add_argument("--flush-every", type=_positive_float, default=None, metavar="S",
                       help="hand captured packets to the tracker every S seconds (default 5); with "
-                      "--kube: commit flows and the checkpoint every S seconds")
+                      "--kube: commit flows and the checkpoint every S seconds (default 5); "
+                      "with --ebpf --send: ship every S seconds (default 10)")
     live.add_argument("--save", metavar="PCAP",
                       help="also write the captured packets to this pcap file")
     kube = observe.add_argument_group(
@@ -288,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "edges-summary.json (default 7d)")
     kube.add_argument("--listen", metavar="ADDR:PORT",
                       help="serve /metrics (Prometheus) and /healthz here, e.g. :9090")
+    kube.add_argument("--ingest-allow", action="append", metavar="USER",
+                      help="with --listen: who may POST node flows to /v1/flows, checked by "
+                      "TokenReview (repeatable; default "
+                      "system:serviceaccount:meshwright:meshwright-ebpf)")
+    kube.add_argument("--ingest-max-bytes", type=_size, default=None, metavar="SIZE",
+                      help="with --listen: refuse node shipments larger than SIZE (HTTP 413; "
+                      "default 64Mi)")
     kube.add_argument("--git", metavar="DIR", dest="git_dir",
                       help="also commit each proposal to branch meshwright/proposals of the "
                       "git working tree DIR")
@@ -313,6 +345,22 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    """Bytes: 536870912, 512Mi, 512MiB, 1G (powers of 1024 with or without the i)."""
+    value = text.strip()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    low = value.lower().removesuffix("b").removesuffix("i")
+    scale = units.get(low[-1:], 1)
+    number = low[:-1] if low[-1:] in units else low
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512Mi)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return size
 
 
 def _positive_int(text: str) -> int:

@@ -105,13 +105,33 @@ def _report_observe(args: argparse.Namespace, stats: ObserveStats) -> None:
 
 
 def observe(args: argparse.Namespace) -> int:
+    send_only = [f"--{n.replace('_', '-')}" for n in ("spool", "spool_max_bytes", "token_file",
+                                                       "drain_timeout")
+                 if getattr(args, n) is not None]
+    if send_only and not args.send:
+        raise UsageError(f"{', '.join(send_only)} apply to --ebpf --send",
+                         hint="add --send URL (the observer's /v1/flows)")
+    if args.send and not args.ebpf:
+        raise UsageError("--send ships eBPF flows: add --ebpf",
+                         hint="meshwright observe --ebpf --send URL")
     if args.kube:
         return _observe_kube(args)
     kube_only = [f"--{n.replace('_', '-')}" for n in ("state", "git_dir", "listen", "namespaces",
-                                                       "context", "kubeconfig", "mesh")
+                                                       "context", "kubeconfig", "mesh",
+                                                       "ingest_allow", "ingest_max_bytes")
                  if getattr(args, n) is not None]
     if kube_only:
         raise UsageError(f"{', '.join(kube_only)} apply to --kube", hint="add --kube")
+    if args.ebpf and args.send:
+        if args.output is not None:
+            raise UsageError("give -o FLOWS or --send URL, not both",
+                             hint="--send ships the flows to the observer instead of a file")
+        if args.inputs or args.iface is not None:
+            raise UsageError("--ebpf traces this machine: give no INPUT files and no --iface")
+        extra = [f"--{n}" for n in ("bpf", "count", "save") if getattr(args, n) is not None]
+        if extra:
+            raise UsageError(f"{', '.join(extra)} apply to --iface, not --ebpf")
+        return _observe_ebpf_send(args)
     if args.output is None:
         raise UsageError("-o FLOWS is required", hint="meshwright observe dump/ -o flows.parquet")
     target = Path(args.output)
@@ -152,12 +172,16 @@ def _observe_kube(args: argparse.Namespace) -> int:
     import threading
 
     from learn.baseline import parse_span
+    from meshwright.ingest import DEFAULT_ALLOW, DEFAULT_MAX_BODY
     from meshwright.observer import Observer, ObserverConfig, parse_listen
     from observe.live import stop_on_signals
 
     if args.inputs or args.iface is not None or args.ebpf or args.output is not None:
         raise UsageError("--kube observes the cluster: give no INPUT files, --iface, --ebpf "
                          "or -o", hint="flows go to --state DIR")
+    if (args.ingest_allow or args.ingest_max_bytes) and not args.listen:
+        raise UsageError("--ingest-allow and --ingest-max-bytes apply to the /v1/flows "
+                         "endpoint of --listen", hint="add --listen :9090")
     extra = [f"--{n}" for n in ("bpf", "duration", "count", "save") if getattr(args, n)]
     if extra:
         raise UsageError(f"{', '.join(extra)} apply to --iface, not --kube")
@@ -178,12 +202,16 @@ def _observe_kube(args: argparse.Namespace) -> int:
                          hint="--git names a git working tree")
     config = ObserverConfig(
         state=Path(args.state), namespaces=args.namespaces, context=args.context,
-        kubeconfig=args.kubeconfig, emit_every=emit_every, flush_every=args.flush_every,
+        kubeconfig=args.kubeconfig, emit_every=emit_every,
+        flush_every=args.flush_every or 5.0,
         retention=retention, meshes=tuple(dict.fromkeys(args.mesh or ["istio"])),
         trust_domain=args.trust_domain, listen=listen,
         git_dir=Path(args.git_dir) if args.git_dir else None, workers=args.log_workers,
         read_timeout=args.log_read_timeout, slice_seconds=args.log_slice,
         backoff_base=args.reconnect_backoff,
+        ingest_allow=(tuple(dict.fromkeys(args.ingest_allow)) if args.ingest_allow
+                      else DEFAULT_ALLOW),
+        ingest_max_bytes=args.ingest_max_bytes or DEFAULT_MAX_BODY,
     )
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -214,6 +242,7 @@ def _observe_ebpf(args: argparse.Namespace, target: Path) -> int:
         batches = trace_connections(
             duration_s=args.duration, stop=stop, stats=stats, ready=ready,
             cgroup_root=os.environ.get("MESHWRIGHT_CGROUP_ROOT") or None,
+            map_keys=args.ebpf_map_entries,
         )
         with FlowWriter(target) as writer:
             for batch in batches:
@@ -223,11 +252,88 @@ def _observe_ebpf(args: argparse.Namespace, target: Path) -> int:
     _say(args, f"meshwright: traced {stats.connections:,} connections ({stats.refused:,} "
                f"refused, {stats.no_answer:,} unanswered, {stats.open_at_stop:,} still open, "
                f"{stats.midstream:,} begun before tracing); {stats.attributed:,} placed in a "
-               f"container" + (f"; {stats.lost:,} events LOST (kernel buffer full)"
+               f"container" + (f"; {stats.lost:,} events LOST (kernel buffer or BPF map full: "
+                                  f"raise --ebpf-map-entries)"
                                if stats.lost else "")
                + (f"; {stats.malformed:,} malformed tracer lines" if stats.malformed else ""))
     _say(args, f"meshwright: wrote {target}")
     return EXIT_OK if stats.connections else EXIT_NO_FLOWS
+
+
+def _observe_ebpf_send(args: argparse.Namespace) -> int:
+    """``observe --ebpf --send URL``: one tracer for the process's life, its records shipped
+    to the observer every ``--flush-every`` seconds through a spool (observe.ship)."""
+    import shutil
+    import socket
+    import tempfile
+    import threading
+
+    from observe.ebpf import TraceStats, trace_connections
+    from observe.live import stop_on_signals
+    from observe.ship import (
+        DEFAULT_FLUSH_SECONDS,
+        DEFAULT_SPOOL_BYTES,
+        DEFAULT_TOKEN_FILE,
+        DRAIN_SECONDS,
+        Shipper,
+        Spool,
+        check_url,
+    )
+
+    url = check_url(args.send)
+    node = os.environ.get("NODE_NAME") or socket.gethostname()
+    if args.spool:
+        spool_dir = Path(args.spool)
+    else:
+        spool_dir = Path(tempfile.mkdtemp(prefix="meshwright-spool-"))
+        _say(args, f"meshwright: spooling in {spool_dir} (temporary: shipments not delivered "
+                   "by the exit are lost; give --spool DIR to keep them across restarts)")
+    spool = Spool(spool_dir, max_bytes=args.spool_max_bytes or DEFAULT_SPOOL_BYTES)
+    if spool.stats.found:
+        _say(args, f"meshwright: {spool.stats.found} shipments left by an earlier run are sent "
+                   "first")
+    token_file = Path(args.token_file or DEFAULT_TOKEN_FILE)
+    if args.token_file is None and not token_file.exists():
+        _say(args, f"meshwright: no {token_file}: shipping without a token")
+        token_file_opt: Path | None = None
+    else:
+        token_file_opt = token_file
+    every = args.flush_every or DEFAULT_FLUSH_SECONDS
+    shipper = Shipper(url, spool, node=node, token_file=token_file_opt, flush_every=every)
+    stop = threading.Event()
+    stats = TraceStats()
+    ready = threading.Event()
+
+    def announce() -> None:
+        if ready.wait() and not stop.is_set():
+            _say(args, f"meshwright: tracing TCP connections on {node}, shipping to {url} every "
+                       f"{every:g} s; SIGTERM stops")
+
+    threading.Thread(target=announce, daemon=True, name="meshwright-announce").start()
+    with stop_on_signals(stop):
+        batches = trace_connections(
+            duration_s=args.duration, stop=stop, stats=stats, ready=ready, node=node,
+            cgroup_root=os.environ.get("MESHWRIGHT_CGROUP_ROOT") or None,
+            map_keys=args.ebpf_map_entries,
+        )
+        ship = shipper.run(batches, stop, drain_timeout=args.drain_timeout or DRAIN_SECONDS)
+    for note in stats.notes:
+        _say(args, f"meshwright: note: {note}")
+    left = spool.pending()
+    _say(args, f"meshwright: traced {stats.connections:,} connections"
+               + (f"; {stats.lost:,} events LOST (kernel buffer or BPF map full: "
+                                  f"raise --ebpf-map-entries)" if stats.lost else ""))
+    _say(args, f"meshwright: shipped {ship.delivered:,} shipments ({ship.rows_delivered:,} "
+               f"records) to {url}"
+               + (f", {ship.duplicates:,} already stored" if ship.duplicates else "")
+               + (f"; {ship.rejected:,} REJECTED (kept aside in {spool.root})"
+                  if ship.rejected else "")
+               + (f"; {spool.stats.dropped:,} DROPPED undelivered (spool full)"
+                  if spool.stats.dropped else "")
+               + (f"; {len(left):,} left in {spool.root} for the next start" if left else ""))
+    if not args.spool and not left and not spool.rejected():
+        shutil.rmtree(spool.root, ignore_errors=True)
+    return EXIT_OK
 
 
 def _observe_live(args: argparse.Namespace, target: Path) -> int:
@@ -241,7 +347,8 @@ def _observe_live(args: argparse.Namespace, target: Path) -> int:
     with ExitStack() as stack:
         save = stack.enter_context(open(args.save, "wb")) if args.save else None
         chunks = capture_live(args.iface, bpf=args.bpf, duration_s=args.duration,
-                              count=args.count, flush_every_s=args.flush_every, stop=stop,
+                              count=args.count, flush_every_s=args.flush_every or 5.0,
+                              stop=stop,
                               save=save)
         stack.enter_context(stop_on_signals(stop))
         _say(args, f"meshwright: capturing on {args.iface}"

@@ -385,6 +385,48 @@ class KubeApi:
                                  origin=self.server)
         return data
 
+    def post_json(self, path: str, body: dict[str, Any], *,
+                  timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any]:
+        """One POST of a JSON object answered with a JSON object (a TokenReview).
+
+        Raises :class:`ApiUnavailable` when the server cannot answer now (connection
+        refused or cut, 429, 5xx), :class:`InventoryError` for the other errors (401/403:
+        this identity may not create it)."""
+        with self._lock:
+            if self._closed:
+                raise ApiUnavailable("client closed", origin=self.server)
+        where = f"POST {path}"
+        try:
+            method, url, headers, data, _ = self.api_client.param_serialize(
+                method="POST", resource_path=path, body=body,
+                header_params={"Accept": "application/json",
+                               "Content-Type": "application/json"},
+                auth_settings=["BearerToken"],
+            )
+            rest = self.api_client.call_api(method, url, header_params=headers, body=data,
+                                            _request_timeout=timeout)
+            resp = rest.response
+            try:
+                payload = resp.data
+            finally:
+                resp.release_conn()
+        except ApiException as exc:
+            raise self._classify(exc.status or 0, exc.body, where, exc) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiUnavailable(f"cannot reach the API server ({where}): {_one_line(exc)}",
+                                 origin=self.server) from exc
+        if not 200 <= resp.status <= 299:
+            raise self._classify(resp.status, payload, where, None)
+        try:
+            doc = json.loads(payload)
+        except ValueError as exc:
+            raise InventoryError(f"malformed response for {where}: {_one_line(exc)}",
+                                 origin=self.server) from exc
+        if not isinstance(doc, dict):
+            raise InventoryError(f"malformed response for {where}: not an object",
+                                 origin=self.server)
+        return doc
+
     def watch(self, path: str, resource_version: str, *, timeout_seconds: int,
               field_selector: str | None = None, bookmarks: bool = True
               ) -> Iterator[dict[str, Any]]:

@@ -40,6 +40,10 @@ from observe.logstream import CursorState, StreamKey
 
 CHECKPOINT = "checkpoint.json"
 CHECKPOINT_VERSION = 1
+#: Version of the inventory file (``pods-<seq>.json``). 1 (no ``version`` field): pods and
+#: their resourceVersion only; 2: also the other watched kinds (``objects``), and the
+#: resourceVersions of every watch.
+INVENTORY_VERSION = 2
 #: Names published in the state directory, each a link into ``current``.
 PUBLISHED = ("policies", "graph.json", "findings.json", "findings.sarif", "report.md")
 #: Output generations kept (a reader still in an older one is not cut off at once).
@@ -79,6 +83,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@dataclass(frozen=True)
+class IngestCursor:
+    """The last shipment committed from one node stream (``POST /v1/flows``)."""
+
+    seq: int
+    node: str
+    seen: str
+    """When it was committed (ISO 8601, UTC)."""
+
+
 @dataclass
 class Checkpoint:
     """What a restart resumes from.
@@ -97,6 +111,14 @@ class Checkpoint:
     """Pod history (raw objects, ended ones with their deletionTimestamp)."""
     saved_at: str | None = None
     pods_file: str | None = None
+    ingest: dict[str, IngestCursor] = field(default_factory=dict)
+    """Node stream id -> its last committed shipment (absent in older checkpoints)."""
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    """Namespaces, services, service accounts and owners (compact objects with ``kind``;
+    deleted ones with a ``deletionTimestamp``), as of ``resource_versions``."""
+    inventory_version: int = INVENTORY_VERSION
+    """Of the inventory file read: below 2 only the pods' resourceVersions and history were
+    saved (the other kinds are listed after a restart)."""
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -104,6 +126,8 @@ class Checkpoint:
             "seq": self.seq,
             "saved_at": self.saved_at,
             "pods_file": self.pods_file,
+            "ingest": [{"stream": k, "seq": c.seq, "node": c.node, "seen": c.seen}
+                       for k, c in sorted(self.ingest.items())],
             "streams": [
                 {"namespace": k.namespace, "pod": k.pod, "container": k.container, "uid": k.uid,
                  "last": c.last, "delivered": c.delivered,
@@ -114,10 +138,12 @@ class Checkpoint:
 
     def inventory_json(self) -> bytes:
         return json.dumps({
+            "version": INVENTORY_VERSION,
             "resource_versions": [[r, ns, rv] for (r, ns), rv
                                   in sorted(self.resource_versions.items(),
                                             key=lambda i: (i[0][0], i[0][1] or ""))],
             "pods": self.pods,
+            "objects": self.objects,
         }, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -134,11 +160,18 @@ class Checkpoint:
                 for s in doc["streams"]}
             ckpt = cls(int(doc["seq"]), cursors, saved_at=doc.get("saved_at"),
                        pods_file=doc.get("pods_file"))
+            ckpt.ingest = {str(i["stream"]): IngestCursor(int(i["seq"]), str(i["node"]),
+                                                          str(i["seen"]))
+                           for i in doc.get("ingest") or ()}
             if ckpt.pods_file and root is not None:
                 inv = json.loads((root / ckpt.pods_file).read_bytes())
                 ckpt.resource_versions = {(str(r), ns): str(rv)
                                           for r, ns, rv in inv["resource_versions"]}
                 ckpt.pods = list(inv["pods"])
+                ckpt.inventory_version = int(inv.get("version") or 1)
+                if ckpt.inventory_version > INVENTORY_VERSION:
+                    raise ValueError(f"unknown inventory version {ckpt.inventory_version}")
+                ckpt.objects = list(inv.get("objects") or [])
             return ckpt
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"corrupt checkpoint: {exc}", origin=origin,
@@ -230,6 +263,8 @@ class FlowStore:
             checkpoint.pods_file = self.checkpoint.pods_file
             checkpoint.pods = self.checkpoint.pods
             checkpoint.resource_versions = self.checkpoint.resource_versions
+            checkpoint.objects = self.checkpoint.objects
+            checkpoint.inventory_version = self.checkpoint.inventory_version
         now = self.clock()
         hour = self.flows / f"dt={now:%Y-%m-%d}" / f"hour={now:%H}"
         rows = 0
@@ -254,20 +289,11 @@ class FlowStore:
 
     # -- reading ------------------------------------------------------------------------------
     def _hours(self) -> list[Path]:
-        out: list[Path] = []
-        for day in sorted(self.flows.iterdir()) if self.flows.exists() else []:
-            if day.is_dir() and _HOUR.match(day.name):
-                out.extend(h for h in sorted(day.iterdir())
-                           if h.is_dir() and h.name.startswith("hour="))
-        return out
+        return hour_partitions(self.flows)
 
     def files(self) -> list[Path]:
         """The committed flow files, oldest first."""
-        out: list[Path] = []
-        for hour in self._hours():
-            out.extend(sorted(f for f in hour.iterdir()
-                              if _PART.match(f.name) or _COMPACT.match(f.name)))
-        return out
+        return committed_files(self._hours())
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         for path in self.files():
@@ -285,27 +311,14 @@ class FlowStore:
     # -- upkeep -------------------------------------------------------------------------------
     def compact(self) -> int:
         """Merge the parts of every hour that is over into one file; returns parts merged."""
-        current = self.clock().strftime("dt=%Y-%m-%d/hour=%H")
-        merged = 0
-        for hour in self._hours():
-            if f"{hour.parent.name}/{hour.name}" >= current:
-                continue
-            parts = sorted(f for f in hour.iterdir() if _PART.match(f.name))
-            if len(parts) < 2:
-                continue
-            seqs = [int(_PART.match(p.name)[1]) for p in parts]  # type: ignore[index]
-            target = hour / f"compact-{min(seqs):012d}-{max(seqs):012d}.parquet"
-            with FlowWriter(target, threaded=False) as writer:
-                for part in parts:
-                    for batch in read_flows(part):
-                        writer.write(batch)
-            _fsync_file(target)
-            _fsync_dir(hour)
-            for part in parts:
-                part.unlink()
-            merged += len(parts)
+        merged = sum(compact_hour(hour) for hour in self.finished_hours())
         self.stats.compacted_parts += merged
         return merged
+
+    def finished_hours(self) -> list[Path]:
+        """Hour partitions before the current hour (no commit goes there any more)."""
+        current = self.clock().strftime("dt=%Y-%m-%d/hour=%H")
+        return [h for h in self._hours() if f"{h.parent.name}/{h.name}" < current]
 
     def expired(self) -> list[Path]:
         """Hour partitions that ended more than ``retention`` ago."""
@@ -322,18 +335,9 @@ class FlowStore:
 
     def expire(self, summarize: Callable[[list[Path]], None] | None = None) -> int:
         """Delete the expired partitions (``summarize(their files)`` first); returns how many."""
-        hours = self.expired()
-        if not hours:
-            return 0
-        if summarize is not None:
-            summarize([f for h in hours for f in sorted(h.iterdir())
-                       if _PART.match(f.name) or _COMPACT.match(f.name)])
-        for hour in hours:
-            shutil.rmtree(hour)
-            with contextlib.suppress(OSError):
-                hour.parent.rmdir()  # the day, once empty
-        self.stats.deleted_partitions += len(hours)
-        return len(hours)
+        deleted = expire_hours(self.expired(), summarize)
+        self.stats.deleted_partitions += deleted
+        return deleted
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.flows.rglob("*") if f.is_file())
@@ -345,6 +349,83 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def hour_partitions(flows: Path) -> list[Path]:
+    """The ``dt=.../hour=...`` directories under ``flows``, oldest first."""
+    out: list[Path] = []
+    for day in sorted(flows.iterdir()) if flows.exists() else []:
+        if day.is_dir() and _HOUR.match(day.name):
+            out.extend(h for h in sorted(day.iterdir())
+                       if h.is_dir() and h.name.startswith("hour="))
+    return out
+
+
+def committed_files(hours: Iterable[Path], upto: int | None = None) -> list[Path]:
+    """The flow files of ``hours``, oldest first: merged files, and the parts no merged file
+    covers (one left behind by a compaction cut short) up to seq ``upto`` (None: all). Files
+    being written (temporary names) are not listed. Safe while commits go on in later hours
+    (or with larger seqs): it is what a learner reads while the main loop keeps committing."""
+    out: list[Path] = []
+    for hour in hours:
+        try:
+            names = sorted(f.name for f in hour.iterdir())
+        except FileNotFoundError:
+            continue
+        covered = [(int(m[1]), int(m[2])) for m in map(_COMPACT.match, names) if m]
+        for name in names:
+            m = _PART.match(name)
+            if m:
+                seq = int(m[1])
+                if (upto is not None and seq > upto) or any(lo <= seq <= hi
+                                                            for lo, hi in covered):
+                    continue
+            elif not _COMPACT.match(name):
+                continue
+            out.append(hour / name)
+    return out
+
+
+def compact_hour(hour: Path) -> int:
+    """Merge the parts of ``hour`` (an hour no commit goes to any more) into one file
+    ``compact-<lo>-<hi>.parquet`` (written whole, then the parts are deleted; a cut-short run
+    leaves parts that :func:`committed_files` and the next open skip). Returns parts merged."""
+    parts = sorted(f for f in hour.iterdir() if _PART.match(f.name))
+    covered = [(int(m[1]), int(m[2])) for m in (_COMPACT.match(f.name) for f in hour.iterdir())
+               if m]
+    seqs = [int(_PART.match(p.name)[1]) for p in parts]  # type: ignore[index]
+    for part, seq in zip(parts, seqs, strict=True):
+        if any(lo <= seq <= hi for lo, hi in covered):
+            part.unlink()  # merged already, its deletion cut short
+    parts = [p for p, q in zip(parts, seqs, strict=True) if p.exists()]
+    if len(parts) < 2:
+        return 0
+    seqs = [int(_PART.match(p.name)[1]) for p in parts]  # type: ignore[index]
+    target = hour / f"compact-{min(seqs):012d}-{max(seqs):012d}.parquet"
+    with FlowWriter(target, threaded=False) as writer:
+        for part in parts:
+            for batch in read_flows(part):
+                writer.write(batch)
+    _fsync_file(target)
+    _fsync_dir(hour)
+    for part in parts:
+        part.unlink()
+    return len(parts)
+
+
+def expire_hours(hours: list[Path], summarize: Callable[[list[Path]], None] | None = None
+                 ) -> int:
+    """Delete the hour partitions ``hours`` (``summarize(their files)`` first); returns how
+    many."""
+    if not hours:
+        return 0
+    if summarize is not None:
+        summarize(committed_files(hours))
+    for hour in hours:
+        shutil.rmtree(hour)
+        with contextlib.suppress(OSError):
+            hour.parent.rmdir()  # the day, once empty
+    return len(hours)
 
 
 def read_table(paths: Iterable[Path], columns: list[str] | None = None) -> pa.Table:

@@ -15,8 +15,17 @@ of a newer pod now holding one of its IPs: the reused address then resolves by t
 workload. Deleted Services, ServiceAccounts, Namespaces and owners are kept (their last state):
 older flows still refer to them.
 
+Restart: :meth:`InventoryWatcher.inventory_state` gives every watch's resourceVersion together
+with a compact copy of every object but pods (:func:`compact_object`: only what
+``observe.inventory`` reads; deleted ones marked with a ``deletionTimestamp``), consistent with
+each other; a watcher built from them (``resource_versions``, ``objects``, and the pod history
+as ``pods``) lists nothing and resumes every watch where it stood. A resourceVersion compacted
+away meanwhile gets 410 and that scope is listed; objects missing from the list are marked
+deleted.
+
 Threads: one per (resource, scope): 10 for ``-A``, 10 per namespace with ``-n``. Memory: the
-inventory's records plus a compact copy of each live pod (for its end when it vanishes).
+inventory's records plus a compact copy of each live pod (for its end when it vanishes) and of
+every other object (for the checkpoint).
 """
 
 from __future__ import annotations
@@ -53,6 +62,13 @@ WATCHED: tuple[tuple[str, str, str], ...] = tuple((k, g, r) for k, g, r, _, _ in
 
 #: Called for every pod event: (``ADDED`` | ``MODIFIED`` | ``DELETED``, raw pod object).
 PodListener = Callable[[str, Mapping[str, Any]], None]
+
+#: kind -> resource of everything watched.
+RESOURCE_OF = {k: r for k, _, r in WATCHED}
+#: Template container fields observe.inventory reads (ports, probes, native sidecars).
+_PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+#: The istio-proxy variable that holds the app's original probes.
+_PROBERS_ENV = "ISTIO_KUBE_APP_PROBERS"
 
 
 @dataclass
@@ -97,6 +113,8 @@ class WatchStats:
     """Events applied by type (ADDED, MODIFIED, DELETED, BOOKMARK)."""
     vanished: int = 0
     """Pods found gone by a re-list (deleted while the watch was down)."""
+    vanished_objects: int = 0
+    """Other objects found gone by a re-list (marked deleted, kept)."""
     errors: list[str] = field(default_factory=list)
     """A few error messages."""
 
@@ -111,6 +129,79 @@ def _utcnow() -> datetime:
 
 def _rfc3339(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def compact_object(obj: Mapping[str, Any], kind: str | None = None) -> dict[str, Any]:
+    """A Namespace, Service, ServiceAccount or owner (ReplicaSet, Deployment, ...) cut down to
+    what :class:`observe.inventory.Inventory` reads of it, with ``kind`` and ``apiVersion``.
+    An object of an unexpected shape is kept whole but for ``managedFields`` (the inventory
+    judges it)."""
+    kind = str(obj.get("kind") or kind)
+    try:
+        return _compact(obj, kind)
+    except (AttributeError, TypeError, KeyError):
+        out = copy.deepcopy(dict(obj))
+        if isinstance(out.get("metadata"), dict):
+            out["metadata"].pop("managedFields", None)
+        out["kind"] = kind
+        return out
+
+
+def _compact(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    out_meta = {k: copy.deepcopy(meta[k]) for k in (
+        "name", "namespace", "uid", "labels", "creationTimestamp", "deletionTimestamp")
+        if meta.get(k) is not None}
+    refs = [{k: r[k] for k in ("kind", "name", "controller") if k in r}
+            for r in meta.get("ownerReferences") or []]
+    if refs:
+        out_meta["ownerReferences"] = refs
+    out: dict[str, Any] = {"kind": kind, "apiVersion": obj.get("apiVersion"),
+                           "metadata": out_meta}
+    spec = obj.get("spec") or {}
+    if kind == "Service":
+        out["spec"] = {k: copy.deepcopy(spec[k]) for k in (
+            "type", "clusterIP", "clusterIPs", "selector", "externalName") if k in spec}
+        ports = [{k: p[k] for k in ("name", "port", "targetPort", "protocol", "appProtocol")
+                  if k in p} for p in spec.get("ports") or []]
+        if ports:
+            out["spec"]["ports"] = ports
+    elif kind not in ("Namespace", "ServiceAccount"):  # an owner
+        template = (((spec.get("jobTemplate") or {}).get("spec") or {}).get("template")
+                    if kind == "CronJob" else spec.get("template")) or {}
+        tmeta = template.get("metadata") or {}
+        tspec = template.get("spec") or {}
+        small = {"metadata": {k: copy.deepcopy(tmeta[k]) for k in ("labels", "annotations")
+                              if tmeta.get(k)},
+                 "spec": {k: tspec[k] for k in ("serviceAccountName", "serviceAccount")
+                          if tspec.get(k)}}
+        for field_name in ("containers", "initContainers"):
+            if tspec.get(field_name):
+                small["spec"][field_name] = [_compact_container(c) for c in tspec[field_name]]
+        selector = (spec.get("selector") or {}).get("matchLabels")
+        out["spec"] = {"selector": {"matchLabels": dict(selector)}} if selector else {}
+        if kind == "CronJob":
+            out["spec"]["jobTemplate"] = {"spec": {"template": small}}
+        else:
+            out["spec"]["template"] = small
+    return out
+
+
+def _compact_container(c: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: c[k] for k in ("name", "restartPolicy") if k in c}
+    ports = [{k: p[k] for k in ("containerPort", "name", "protocol") if k in p}
+             for p in c.get("ports") or []]
+    if ports:
+        out["ports"] = ports
+    for probe in _PROBES:
+        http = (c.get(probe) or {}).get("httpGet")
+        if http:
+            out[probe] = {"httpGet": {k: http[k] for k in ("port", "path") if k in http}}
+    env = [{"name": e["name"], "value": e.get("value")} for e in c.get("env") or []
+           if e.get("name") == _PROBERS_ENV]
+    if env:
+        out["env"] = env
+    return out
 
 
 def _compact_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,11 +228,15 @@ class InventoryWatcher:
                  sleep: Callable[[float], None] | None = None,
                  listeners: Iterable[PodListener] = (),
                  resource_versions: Mapping[tuple[str, str | None], str] | None = None,
-                 pods: Iterable[Mapping[str, Any]] = ()) -> None:
+                 pods: Iterable[Mapping[str, Any]] = (),
+                 objects: Iterable[Mapping[str, Any]] = ()) -> None:
         """Resume from a checkpoint: ``pods`` (raw objects, ended ones included) seed the
-        history, the live ones as known to be alive; ``resource_versions`` ((resource,
-        namespace or None) -> resourceVersion) makes those scopes watch from there instead of
-        listing first (a 410 then lists and ends the seeded pods that vanished meanwhile)."""
+        history, the live ones as known to be alive; ``objects`` (the other kinds, from
+        :meth:`inventory_state`) seed the rest; ``resource_versions`` ((resource, namespace
+        or None) -> resourceVersion) makes those scopes watch from there instead of listing
+        first (a 410 then lists, ends the seeded pods that vanished meanwhile and marks the
+        other objects that did deleted). A scope should resume only if what it held at that
+        resourceVersion is among ``pods``/``objects``."""
         self.api = api
         self.namespaces = None if namespaces is None else sorted(set(namespaces))
         self.resources = tuple(resources)
@@ -160,8 +255,13 @@ class InventoryWatcher:
         self._fatal: InventoryError | None = None
         self._resume = dict(resource_versions or {})
         self._seeded: list[dict[str, Any]] = []
+        #: (resource, namespace or "", name) -> compact object (not pods)
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._changes = 0
         for obj in pods:
             self._seed_pod(obj)
+        for obj in objects:
+            self._seed_object(obj)
 
     def _seed_pod(self, obj: Mapping[str, Any]) -> None:
         pod = _compact_pod(obj)
@@ -174,6 +274,14 @@ class InventoryWatcher:
             if ns is None or meta.get("namespace") == ns:
                 self._alive.setdefault(("pods", ns), {})[str(meta.get("uid"))] = pod
                 self._seeded.append(pod)
+
+    def _seed_object(self, obj: Mapping[str, Any]) -> None:
+        kind = str(obj.get("kind"))
+        resource = RESOURCE_OF.get(kind)
+        if resource is None or kind == "Pod":
+            return
+        self._inventory.add_object(obj, kind=kind, origin="checkpoint")
+        self._objects[_object_key(resource, obj)] = dict(obj)
 
     # -- public -----------------------------------------------------------------------------
     def scopes(self) -> list[tuple[tuple[str, str, str], str | None]]:
@@ -225,6 +333,26 @@ class InventoryWatcher:
         """Where every watch stands ((resource, namespace or None) -> resourceVersion)."""
         with self._changed:
             return dict(self._versions)
+
+    def inventory_state(self, forget_deleted_before: datetime | None = None
+                        ) -> tuple[dict[tuple[str, str | None], str], list[dict[str, Any]]]:
+        """Where every watch stands and the compact objects (all kinds but pods) as of there,
+        taken together (for a checkpoint; pods come from the listeners, which have seen
+        every event up to these resourceVersions). Deleted objects whose
+        ``deletionTimestamp`` is before ``forget_deleted_before`` are left out from now on
+        (the inventory of this run keeps them)."""
+        with self._changed:
+            if forget_deleted_before is not None:
+                for key in [k for k, o in self._objects.items()
+                            if _deleted_before(o, forget_deleted_before)]:
+                    del self._objects[key]
+            return dict(self._versions), [self._objects[k] for k in sorted(self._objects)]
+
+    @property
+    def changes(self) -> int:
+        """Grows with every change of the inventory or of a resourceVersion."""
+        with self._changed:
+            return self._changes
 
     def resource_version(self, resource: str, namespace: str | None = None) -> str | None:
         """Where the watch of ``resource`` (``pods``...) stands."""
@@ -322,15 +450,44 @@ class InventoryWatcher:
             self.stats.lists += 1
             for obj in items:
                 self._inventory.add_object(obj, kind=kind, origin=origin)
-            ended = (self._reconcile_pods((resource, ns), items, now, origin)
-                     if kind == "Pod" else [])
-            self._versions[(resource, ns)] = str(meta.get("resourceVersion") or "0")
-            self._changed.notify_all()
+            if kind == "Pod":
+                ended = self._reconcile_pods((resource, ns), items, now, origin)
+            else:
+                ended = []
+                self._reconcile_objects(kind, ns, items, now)
+            self._changes += 1
         for obj in ended:
             self._notify("DELETED", obj)
         if kind == "Pod":
             for obj in items:
                 self._notify("ADDED", obj)
+        # Set only now: a resourceVersion saved with the listeners' pod history is one they
+        # have seen everything up to.
+        self._set_version(resource, ns, str(meta.get("resourceVersion") or "0"))
+
+    def _set_version(self, resource: str, ns: str | None, rv: str) -> None:
+        with self._changed:
+            self._versions[(resource, ns)] = rv
+            self._changes += 1
+            self._changed.notify_all()
+
+    def _reconcile_objects(self, kind: str, ns: str | None, items: list[dict[str, Any]],
+                           now: datetime) -> None:
+        """Keep the listed objects; mark the known ones of this scope missing from the list
+        (deleted while the watch was down) deleted at ``now``."""
+        resource = RESOURCE_OF[kind]
+        listed = set()
+        for obj in items:
+            key = _object_key(resource, obj)
+            listed.add(key)
+            self._objects[key] = compact_object(obj, kind)
+        for key, obj in list(self._objects.items()):
+            in_scope = (key[0] == resource
+                        and (ns is None or (key[2] if kind == "Namespace" else key[1]) == ns))
+            if in_scope and key not in listed and not (obj.get("metadata") or {}).get(
+                    "deletionTimestamp"):
+                self._objects[key] = _mark_deleted(obj, now)
+                self.stats.vanished_objects += 1
 
     def _reconcile_pods(self, scope: tuple[str, str | None], items: list[dict[str, Any]],
                         now: datetime, origin: str) -> list[dict[str, Any]]:
@@ -389,17 +546,43 @@ class InventoryWatcher:
                         alive.pop(uid, None)
                     else:
                         alive[uid] = _compact_pod(obj)
+                else:
+                    small = compact_object(obj, kind)
+                    if etype == "DELETED":
+                        small = _mark_deleted(small, self.clock())
+                    self._objects[_object_key(resource, obj)] = small
                 self._inventory.add_object(obj, kind=kind, origin=origin)
-            rv = meta.get("resourceVersion")
-            if rv:
-                self._versions[(resource, ns)] = str(rv)
-            self._changed.notify_all()
+                self._changes += 1
         if kind == "Pod" and etype in ("ADDED", "MODIFIED", "DELETED"):
             self._notify(etype, obj)
+        rv = meta.get("resourceVersion")
+        if rv:  # after the listeners (see _relist)
+            self._set_version(resource, ns, str(rv))
 
     def _notify(self, etype: str, obj: Mapping[str, Any]) -> None:
         for listener in self.listeners:
             listener(etype, obj)
+
+
+def _object_key(resource: str, obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = obj.get("metadata") or {}
+    ns = "" if resource == "namespaces" else str(meta.get("namespace") or "default")
+    return (resource, ns, str(meta.get("name")))
+
+
+def _mark_deleted(obj: Mapping[str, Any], when: datetime) -> dict[str, Any]:
+    """A copy of ``obj`` with a ``deletionTimestamp`` (kept if it had one)."""
+    meta = dict(obj.get("metadata") or {})
+    meta.setdefault("deletionTimestamp", _rfc3339(when))
+    return {**obj, "metadata": meta}
+
+
+def _deleted_before(obj: Mapping[str, Any], limit: datetime) -> bool:
+    try:
+        t = _time((obj.get("metadata") or {}).get("deletionTimestamp"))
+    except ValueError:
+        return False
+    return t is not None and t < limit
 
 
 def _ips(status: Mapping[str, Any]) -> list[str]:

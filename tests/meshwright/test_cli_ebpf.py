@@ -3,6 +3,7 @@ SIGTERM, and its usage errors."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -53,3 +54,29 @@ def test_ebpf_usage_errors(tmp_path: Path) -> None:
                               text=True, check=False, timeout=60)
         assert done.returncode == EXIT_USAGE, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_map_entries_bound_what_fits_and_the_rest_is_reported_lost(tmp_path: Path) -> None:
+    """--ebpf-map-entries reaches the tracer: 64-entry maps cannot hold a 300-connection
+    burst, and the summary says how many connections were lost instead of hiding them."""
+    out = tmp_path / "ebpf.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "meshwright", "observe", "--ebpf",
+                             "--ebpf-map-entries", "64", "-o", str(out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "tracing TCP connections" in line, line + (proc.stderr.read() or "")
+    with socket.create_server(("127.0.0.1", 0), backlog=512) as server:
+        port = server.getsockname()[1]
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", port)):
+                server.accept()[0].close()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_OK, err
+    lost = re.search(r"([\d,]+) events LOST", err)
+    assert lost is not None, err
+    ours = [r for r in pq.read_table(out).to_pylist()
+            if r["dst_port"] == port and r["direction"] == "outbound"]
+    assert len(ours) < 300 and len(ours) + int(lost.group(1).replace(",", "")) >= 300, err

@@ -28,7 +28,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.kube_watch_api import WatchApiServer, _kubeconfig
 
-from meshwright.observer import Observer, ObserverConfig, git_commit, parse_listen
+from meshwright.observer import (
+    EMIT_STOP_SECONDS,
+    Observer,
+    ObserverConfig,
+    git_commit,
+    parse_listen,
+)
 from observe.kube import KubeApi
 from observe.logstream import LogChunk, StreamKey
 from observe.pipeline import ObserveOptions, ObserveStats
@@ -404,3 +410,295 @@ def test_api_unavailable_at_start_is_retried(cluster: WatchApiServer, tmp_path: 
     assert cluster.outage == 0
     assert sorted(r["path"] for r in _stored(state)) == sorted(
         f"/status/sleep-1/{i}" for i in range(50))
+
+
+# -- the whole inventory from the checkpoint ---------------------------------------------------
+def _scope_paths() -> dict[tuple[str, str | None], str]:
+    """(resource, namespace) of every watch with ``-n foo`` -> its list/watch path."""
+    from observe.kube import resource_path
+    from observe.watch import WATCHED
+
+    out: dict[tuple[str, str | None], str] = {}
+    for kind, group, resource in WATCHED:
+        ns = "foo"
+        out[(resource, ns)] = (resource_path(group, resource) if kind == "Namespace"
+                               else resource_path(group, resource, ns))
+    return out
+
+
+def _observe_once(srv: WatchApiServer, tmp_path: Path, state: Path,
+                  until: Callable[[Observer], bool], what: str) -> tuple[Observer, int]:
+    """Run an observer in-process until ``until(observer)``, stop it (the final commit saves
+    the inventory); returns it and where the server's request log stood at its start."""
+    with srv.cond:
+        before = len(srv.requests)
+    api = KubeApi.connect(kubeconfig=_kubeconfig(tmp_path, srv.url))
+    stop = threading.Event()
+    observer = Observer(ObserverConfig(state=state, namespaces=["foo"], emit_every=None,
+                                       flush_every=0.2, read_timeout=0.5, slice_seconds=0.5,
+                                       backoff_base=0.05), stop, api)
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(observer.run()))
+    t.start()
+    try:
+        _wait(lambda: until(observer), 20, what)
+    finally:
+        stop.set()
+        t.join(15)
+    assert codes == [0]
+    return observer, before
+
+
+def _since(srv: WatchApiServer, before: int) -> list[tuple[str, dict[str, list[str]]]]:
+    with srv.cond:
+        return [(p, q) for p, q in srv.requests[before:] if not p.endswith("/log")]
+
+
+def _web(srv: WatchApiServer) -> None:
+    deploy = K.deployment("web", {"app": "web"}, namespace="foo", service_account="web")
+    srv.put(deploy)
+    srv.put(K.replicaset_for(deploy))
+    srv.put(K.service("web", {"app": "web"}, [{"name": "http", "port": 80, "protocol": "TCP",
+                                               "targetPort": 8080}],
+                      cluster_ip="10.0.0.80", namespace="foo"))
+    srv.put({"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": "web", "namespace": "foo", "uid": "sa-web"}})
+
+
+def _all_synced(o: Observer) -> bool:
+    """Every watch listed (or resumed), and the loop committing."""
+    return (len(o.watcher.resource_versions()) == len(_scope_paths())
+            and o.store.checkpoint.seq >= 1)
+
+
+def test_restart_restores_the_whole_inventory_and_resumes_every_watch(
+        cluster: WatchApiServer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _web(cluster)
+    _observe_once(cluster, tmp_path, state, _all_synced, "the first lists")
+    saved = FlowStore(state).checkpoint
+    assert saved.inventory_version == 2
+    assert set(saved.resource_versions) == set(_scope_paths())
+    kinds = Counter(o["kind"] for o in saved.objects)
+    assert kinds == {"Namespace": 1, "Service": 1, "ServiceAccount": 1, "Deployment": 1,
+                     "ReplicaSet": 1}
+    assert all("managedFields" not in o["metadata"] and "status" not in o
+               for o in saved.objects)
+
+    # While meshwright is down: the Service changes port and selector, the Deployment its
+    # service account, the ServiceAccount and a pod are deleted, a Service appears.
+    svc = K.service("web", {"app": "web", "tier": "front"},
+                    [{"name": "http", "port": 81, "protocol": "TCP", "targetPort": 8081}],
+                    cluster_ip="10.0.0.80", namespace="foo")
+    cluster.put(svc)
+    cluster.put(K.deployment("web", {"app": "web"}, namespace="foo", service_account="web-v2"))
+    cluster.delete("ServiceAccount", "foo", "web")
+    cluster.delete("Pod", "foo", "httpbin-1")
+    cluster.remove_log("foo", "httpbin-1")
+    cluster.put(K.service("new", {"app": "new"}, [{"port": 90, "protocol": "TCP"}],
+                          cluster_ip="10.0.0.90", namespace="foo"))
+    final_rv = cluster.rv
+
+    def caught_up(o: Observer) -> bool:
+        rvs = o.watcher.resource_versions()
+        return (len(rvs) == len(_scope_paths()) and all(int(rv) >= final_rv
+                                                        for rv in rvs.values())
+                and o.store.checkpoint.seq > seq)
+
+    seq = FlowStore(state).checkpoint.seq
+
+    observer, before = _observe_once(cluster, tmp_path, state, caught_up, "the watches")
+    requests = _since(cluster, before)
+    # Nothing listed: every watch resumed from the resourceVersion it had saved.
+    assert [p for p, q in requests if not q.get("watch")] == []
+    paths = _scope_paths()
+    for scope, rv in saved.resource_versions.items():
+        first = next(q for p, q in requests if p == paths[scope] and q.get("watch"))
+        assert first["resourceVersion"] == [rv], scope
+    assert observer.watcher.stats.lists == 0
+    inv = observer.watcher.snapshot()
+    web = inv.services[("foo", "web")]
+    assert (web.selector, [(p.port, p.target_port) for p in web.ports]) == (
+        {"app": "web", "tier": "front"}, [(81, 8081)])
+    assert ("foo", "new") in inv.services
+    assert inv.workloads[("foo", "Deployment", "web")].service_account == "web-v2"
+    assert {p.name: p.ended is not None for p in inv.pods}["httpbin-1"]
+    assert ("foo", "web") in inv.service_accounts  # kept: older flows may refer to it
+    # Saved again: the deleted ServiceAccount marked deleted, the rest as they are now.
+    again = {(o["kind"], o["metadata"]["name"]): o for o in FlowStore(state).checkpoint.objects}
+    assert again[("ServiceAccount", "web")]["metadata"].get("deletionTimestamp")
+    assert again[("Service", "web")]["spec"]["selector"] == {"app": "web", "tier": "front"}
+    assert not again[("Service", "new")]["metadata"].get("deletionTimestamp")
+
+    # Down again, and etcd compacts the history meanwhile: 410 on every watch, each scope is
+    # listed once; what vanished (a Service, a pod) is marked deleted / ended.
+    cluster.delete("Service", "foo", "new")
+    cluster.delete("Pod", "foo", "sleep-2")
+    cluster.remove_log("foo", "sleep-2")
+    cluster.compact()
+    seq = FlowStore(state).checkpoint.seq
+    observer, before = _observe_once(cluster, tmp_path, state, lambda o: (
+        o.watcher.stats.lists == len(paths) and o.store.checkpoint.seq > seq),
+        "the lists after 410")
+    lists = sorted(p for p, q in _since(cluster, before) if not q.get("watch"))
+    assert lists == sorted(paths.values())
+    assert observer.watcher.stats.gone == len(paths)
+    assert observer.watcher.stats.vanished == 1  # sleep-2
+    assert observer.watcher.stats.vanished_objects == 1  # the Service "new"
+    again = {(o["kind"], o["metadata"]["name"]): o for o in FlowStore(state).checkpoint.objects}
+    assert again[("Service", "new")]["metadata"].get("deletionTimestamp")
+    assert not again[("Service", "web")]["metadata"].get("deletionTimestamp")
+
+
+def test_restart_from_an_old_checkpoint_lists_the_kinds_it_lacks(cluster: WatchApiServer,
+                                                                 tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _web(cluster)
+    _observe_once(cluster, tmp_path, state, _all_synced, "the first lists")
+    # Rewrite the inventory file as version 1 wrote it: pods and every resourceVersion, no
+    # version, no other objects.
+    ckpt = FlowStore(state).checkpoint
+    assert ckpt.pods_file is not None
+    inv_file = state / ckpt.pods_file
+    doc = json.loads(inv_file.read_text())
+    old = {"resource_versions": doc["resource_versions"], "pods": doc["pods"]}
+    inv_file.write_text(json.dumps(old))
+    loaded = FlowStore(state).checkpoint
+    assert (loaded.inventory_version, loaded.objects) == (1, [])
+    assert loaded.resource_versions == ckpt.resource_versions
+    observer, before = _observe_once(cluster, tmp_path, state, _all_synced, "the lists")
+    requests = _since(cluster, before)
+    paths = _scope_paths()
+    listed = sorted(p for p, q in requests if not q.get("watch"))
+    assert listed == sorted(v for k, v in paths.items() if k[0] != "pods")
+    pod_watch = next(q for p, q in requests if p == paths[("pods", "foo")])
+    assert pod_watch["resourceVersion"] == [ckpt.resource_versions[("pods", "foo")]]
+    inv = observer.watcher.snapshot()
+    assert ("foo", "web") in inv.services
+    assert FlowStore(state).checkpoint.inventory_version == 2  # saved in the new form
+
+
+# -- re-learning in the background ---------------------------------------------------------------
+#: Rows stored before the observer starts: learning from them takes seconds.
+BIG_STORE = 300_000
+
+
+def _fill_store(state: Path, rows: int) -> None:
+    store = FlowStore(state)
+    key = StreamKey("foo", "sleep-2", "istio-proxy", "uid-old")
+    for start in range(0, rows, 100_000):
+        lines = [_line("sleep-2", i) for i in range(start, min(rows, start + 100_000))]
+        chunk = LogChunk(key, lines, [BASE + i for i in range(start, start + len(lines))],
+                         start + 1)
+        store.commit(list(stream_flow_batches([chunk], ObserveOptions(workers=2),
+                                              ObserveStats())), Checkpoint())
+
+
+def _metric_values(port: int) -> dict[str, float]:
+    status, body = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+
+
+def _rows_upto(state: Path, seq: int) -> int:
+    """Rows in the flow files made of parts up to ``seq``."""
+    total = 0
+    for f in (state / "flows").rglob("*.parquet"):
+        if f.name.startswith("."):
+            continue
+        last = int(f.stem.rsplit("-", 1)[1])  # part-<seq> or compact-<lo>-<hi>
+        if last <= seq:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def test_emit_runs_in_the_background_while_lines_keep_being_committed(
+        cluster: WatchApiServer, tmp_path: Path) -> None:
+    kubeconfig = _kubeconfig(tmp_path, cluster.url)
+    state, log = tmp_path / "state", tmp_path / "observer.log"
+    _fill_store(state, BIG_STORE)
+    writer, _ = _writer(cluster, ["sleep-1"], 200_000, 100, 0.05)  # ~2,000 lines/s throughout
+    writer.start()
+    port = _free_port()
+    # Emits due every 0.5 s: each takes longer (300,000 rows to learn from), so they run back
+    # to back and the ones due meanwhile are skipped.
+    proc = _start(state, kubeconfig, log, "--emit-every", "0.5s", "--listen",
+                  f"127.0.0.1:{port}")
+    samples: list[tuple[float, dict[str, float], int]] = []
+    try:
+        _wait(lambda: log.exists() and _started(log) == 1, 30, "the observer")
+
+        def sample() -> dict[str, float]:
+            m = _metric_values(port)
+            samples.append((time.monotonic(), m, _get(f"http://127.0.0.1:{port}/healthz")[0]))
+            return m
+
+        _wait(lambda: sample()["meshwright_emits_total"] >= 1, 120, "a proposal")
+        _wait(lambda: sample()["meshwright_emits_total"] >= 2, 120, "a second proposal")
+        # SIGTERM while an emit is learning (some way into it): it is left at once (or ends,
+        # if it was publishing by then) within the grace period.
+        typical = sample()["meshwright_emit_last_duration_seconds"]
+
+        def learning() -> bool:
+            if sample()["meshwright_emit_running"] != 1:
+                return False
+            ended = samples[-1][1]["meshwright_emit_duration_seconds_count"]
+            time.sleep(0.4 * typical)
+            m = sample()
+            return (m["meshwright_emit_running"] == 1
+                    and m["meshwright_emit_duration_seconds_count"] == ended)
+
+        _wait(learning, 60, "an emit some way in")
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(EMIT_STOP_SECONDS + 10)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, log.read_text()[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()
+               if line.startswith("{")]
+    started = [r for r in records if r["message"] == "emit started"]
+    published = [r for r in records if r["message"] == "proposal published"]
+    assert len(started) >= 3 and len(published) >= 2
+
+    # Lines were committed while the first emit ran: the checkpoint moved on and rows grew
+    # between samples that both saw it running; /healthz said ok all along.
+    first_end = next(i for i, (_, m, _) in enumerate(samples) if m["meshwright_emits_total"])
+    during = [m for _, m, _ in samples[:first_end] if m["meshwright_emit_running"] == 1]
+    assert len(during) >= 2
+    assert during[-1]["meshwright_checkpoint_seq"] >= during[0]["meshwright_checkpoint_seq"] + 2
+    assert during[-1]["meshwright_flows_total"] > during[0]["meshwright_flows_total"]
+    assert all(status == 200 for _, _, status in samples)
+    last = samples[-1][1]
+    assert last["meshwright_emit_skipped_total"] >= 1
+    assert last["meshwright_emit_duration_seconds_count"] >= 2
+    assert last["meshwright_emit_duration_seconds_sum"] > 0
+    assert last["meshwright_emit_errors_total"] == 0
+
+    # The last proposal is whole: every file, and the graph counts exactly the rows committed
+    # up to the seq its emit started from (the big store's and the streamed ones).
+    final = published[-1]
+    gen = state / "emit" / final["generation"]
+    assert final["rows"] == _rows_upto(state, final["seq"]) > BIG_STORE
+    for name in ("graph.json", "findings.json", "findings.sarif", "report.md"):
+        assert (gen / name).is_file(), name
+    assert any((gen / "policies").rglob("*.yaml"))
+    graph = json.loads((gen / "graph.json").read_text())
+    assert sum(e["requests"] for e in graph["edges"]
+               if "sleep" in e["source"] and "httpbin" in e["destination"]) == final["rows"]
+
+    # The emit running at SIGTERM: left at once (or finished its publishing), its process
+    # gone, nothing half-published, nothing left behind.
+    assert took < EMIT_STOP_SECONDS
+    assert any(r["message"] in ("emit abandoned (stopping); nothing half-published",
+                                "proposal published") and r["seq"] == started[-1]["seq"]
+               for r in records), [r for r in records if "emit" in r["message"]
+                                   or "proposal" in r["message"] or r["level"] != "info"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(started[-1]["pid"]), 0)
+    current = (state / "current").resolve()
+    assert all((current / name).exists() for name in ("graph.json", "report.md", "policies"))
+    assert [p.name for p in (state / "emit").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in state.iterdir() if p.name.startswith((".learn", ".emit-job"))] == []

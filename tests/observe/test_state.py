@@ -18,9 +18,12 @@ from observe.logstream import Cursor, LogChunk, StreamKey
 from observe.pipeline import ObserveOptions, ObserveStats
 from observe.state import (
     CHECKPOINT,
+    INVENTORY_VERSION,
     Checkpoint,
     FlowStore,
     Publisher,
+    committed_files,
+    compact_hour,
     merge_edge_summary,
     read_table,
 )
@@ -240,3 +243,63 @@ def test_edge_summary_sums_and_widens(tmp_path: Path) -> None:
                                "first_seen": "2024-05-01T09:00:00",
                                "last_seen": "2024-05-01T11:00:00"}
     assert json.loads((tmp_path / "edges-summary.json").read_text()) == out
+
+
+def test_inventory_file_keeps_every_kind_and_old_files_still_load(tmp_path: Path) -> None:
+    rvs: dict[tuple[str, str | None], str] = {
+        ("pods", "foo"): "12", ("services", "foo"): "10", ("namespaces", "foo"): "3"}
+    objects = [{"kind": "Service", "apiVersion": "v1",
+                "metadata": {"name": "web", "namespace": "foo"}, "spec": {"ports": [
+                    {"port": 80}]}},
+               {"kind": "ServiceAccount", "apiVersion": "v1", "metadata": {
+                   "name": "gone", "namespace": "foo",
+                   "deletionTimestamp": "2024-05-01T10:00:00Z"}}]
+    store = FlowStore(tmp_path)
+    store.commit([], Checkpoint(resource_versions=rvs, pods=[{"metadata": {"uid": "a"}}],
+                                objects=objects))
+    # A commit without inventory carries the objects over with the rest.
+    store.commit([], Checkpoint(objects=[{"kind": "ignored"}]), inventory=False)
+    ckpt = FlowStore(tmp_path).checkpoint
+    assert (ckpt.resource_versions, ckpt.objects, ckpt.inventory_version) == (
+        rvs, objects, INVENTORY_VERSION)
+    assert ckpt.pods_file is not None
+    inventory_file = tmp_path / ckpt.pods_file
+    doc = json.loads(inventory_file.read_text())
+    assert doc["version"] == 2
+    # What version 1 wrote: no version, no objects. Loads, marked as such (the observer then
+    # lists the kinds it lacks).
+    inventory_file.write_text(json.dumps(
+        {"resource_versions": doc["resource_versions"], "pods": doc["pods"]}))
+    old = FlowStore(tmp_path).checkpoint
+    assert (old.inventory_version, old.objects, old.resource_versions) == (1, [], rvs)
+    # A newer version than this one knows is refused, not misread.
+    inventory_file.write_text(json.dumps(
+        {**doc, "version": INVENTORY_VERSION + 1}))
+    with pytest.raises(InputError, match="unknown inventory version"):
+        FlowStore(tmp_path)
+
+
+def test_committed_files_for_a_learner_while_commits_go_on(tmp_path: Path) -> None:
+    clock = Clock(datetime(2024, 5, 1, 10, 0, tzinfo=UTC))
+    store = FlowStore(tmp_path, clock=clock)
+    for i in range(3):  # parts 1-3 in hour 10
+        store.commit(_batches(2 * i + 1, 2), Checkpoint())
+    clock.t += timedelta(hours=1)
+    store.commit(_batches(7, 2), Checkpoint())  # part 4 in hour 11
+    (hour10,) = store.finished_hours()
+    parts10 = sorted(hour10.iterdir())
+    saved = {f.name: f.read_bytes() for f in parts10}
+    # The learner's view as of seq 3: hour 11's part 4 is newer, left out.
+    assert [f.name for f in committed_files(store._hours(), upto=3)] == [f.name for f in parts10]
+    assert compact_hour(hour10) == 3
+    # A merge cut short: the merged file and two of its parts (their deletion never came).
+    for name in list(saved)[:2]:
+        (hour10 / name).write_bytes(saved[name])
+    (hour10 / ".compact-x.parquet.123.tmp").write_bytes(b"half")  # being written: not listed
+    assert [f.name for f in committed_files(store._hours(), upto=4)] == [
+        "compact-000000000001-000000000003.parquet", "part-000000000004.parquet"]
+    assert _paths(store) == [f"/status/{i}" for i in range(1, 9)]
+    # The next merge of the hour removes the leftovers instead of merging them again.
+    assert compact_hour(hour10) == 0
+    assert sorted(f.name for f in hour10.iterdir() if not f.name.startswith(".")) == [
+        "compact-000000000001-000000000003.parquet"]

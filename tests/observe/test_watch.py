@@ -4,6 +4,7 @@ while, and a pod deleted during the gap whose IP another workload reuses."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+import yaml
 from support.kube_watch_api import WatchApiServer, _kubeconfig
 
 from learn.identity import IdentityResolver
+from observe.inventory import Inventory
 from observe.kube import KubeApi
-from observe.watch import Backoff, InventoryWatcher
+from observe.watch import Backoff, InventoryWatcher, compact_object
 
 
 def _fixtures() -> Any:
@@ -246,3 +249,128 @@ def test_namespaced_scope_watches_only_that_namespace(server: WatchApiServer,
         assert any(p == "/api/v1/namespaces/foo/pods" for p, _ in server.requests)
     finally:
         w.stop()
+
+
+# -- the inventory for a checkpoint -------------------------------------------------------------
+ROOT = Path(__file__).parents[2]
+
+
+def _real_objects() -> list[dict[str, Any]]:
+    """Every non-pod object of the real manifests in tests/data/inventory and of the
+    shipped Bookinfo inventory (kubectl get -o json)."""
+    out: list[dict[str, Any]] = []
+    for f in sorted((ROOT / "tests" / "data" / "inventory").iterdir()):
+        out += [d for d in yaml.safe_load_all(f.read_text()) if isinstance(d, dict)]
+    out += json.loads((ROOT / "samples" / "bookinfo" / "inventory.json").read_text())["items"]
+    # istioctl kube-inject output with a native sidecar whose probe Istio rewrote (the
+    # original in ISTIO_KUBE_APP_PROBERS), as the template of a Deployment.
+    injected = (ROOT / "tests" / "data" / "inventory"
+                / "istio-kube-inject-native-sidecar.yaml.injected")
+    pod = next(d for d in yaml.safe_load_all(injected.read_text()) if d and d["kind"] == "Pod")
+    meta = pod["metadata"]
+    out.append({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "hello-injected", "namespace": "default"},
+                "spec": {"selector": {"matchLabels": {"app": "hello-injected"}},
+                         "template": {"metadata": {"labels": {"app": "hello-injected"},
+                                                   "annotations": meta.get("annotations")},
+                                      "spec": pod["spec"]}}})
+    return [o for o in out if o.get("kind") not in (None, "Pod")]
+
+
+def test_compact_objects_convert_exactly_like_the_full_ones() -> None:
+    objects = _real_objects()
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "Service", "ServiceAccount", "Deployment", "ReplicaSet", "Job",
+            "CronJob"} <= kinds
+    pods = [o for o in json.loads((ROOT / "samples" / "bookinfo" / "inventory.json")
+                                  .read_text())["items"] if o["kind"] == "Pod"]
+    full, small = Inventory(), Inventory()
+    for obj in objects:
+        full.add_object(obj)
+        small.add_object(compact_object(obj))
+    for pod in pods:  # pods hang off the owners: their workloads must come out the same
+        full.add_object(pod)
+        small.add_object(pod)
+    assert small.workloads == full.workloads
+    assert small.services == full.services
+    assert small.namespaces == full.namespaces
+    assert small.service_accounts == full.service_accounts
+    assert small.snapshot_time == full.snapshot_time
+    assert small.stats.invalid == full.stats.invalid == 0
+    # Istio's rewritten probe still maps to the app's own port (ISTIO_KUBE_APP_PROBERS kept),
+    # and what is not read goes.
+    hello = small.workloads[("default", "Deployment", "hello-injected")]
+    assert [(p.container, p.port, p.kind) for p in hello.probes] == [
+        ("other-sidecar", 3333, "readiness")]
+    compact = [compact_object(o) for o in objects]
+    assert all("status" not in o and "managedFields" not in o["metadata"] for o in compact)
+    assert len(json.dumps(compact)) < 0.6 * len(json.dumps(objects))
+
+
+def test_compact_object_keeps_an_odd_object_whole() -> None:
+    odd = {"kind": "Service", "apiVersion": "v1", "metadata": {
+        "name": "x", "namespace": "foo", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"ports": ["not a port"]}}
+    kept = compact_object(odd)
+    assert kept["spec"] == odd["spec"] and "managedFields" not in kept["metadata"]
+    full, small = Inventory(), Inventory()
+    full.add_object(odd)
+    small.add_object(kept)
+    assert small.stats.invalid == full.stats.invalid == 1  # judged the same way
+
+
+def test_watcher_resumes_from_its_inventory_state(server: WatchApiServer,
+                                                  tmp_path: Path) -> None:
+    resources = [("Service", "v1", "services"), ("ServiceAccount", "v1", "serviceaccounts")]
+    server.put(K.service("web", {"app": "web"}, [{"port": 80}], cluster_ip="10.0.0.8",
+                         namespace="foo"))
+    server.put({"kind": "ServiceAccount", "apiVersion": "v1",
+                "metadata": {"name": "web", "namespace": "foo"}})
+    w = _watcher(server, tmp_path, resources=resources)
+    w.start()
+    try:
+        server.delete("ServiceAccount", "foo", "web")  # seen live: DELETED
+        assert w.wait_for(lambda w: w.resource_version("serviceaccounts") == str(server.rv), 5)
+        rvs, objects = w.inventory_state()
+    finally:
+        w.stop()
+    assert set(rvs) == {("services", None), ("serviceaccounts", None)}
+    assert rvs[("serviceaccounts", None)] == str(server.rv)
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert by_name[("ServiceAccount", "web")]["metadata"]["deletionTimestamp"] == (
+        "2020-11-25T22:00:00Z")  # the watcher's clock when it saw the deletion
+    assert "deletionTimestamp" not in by_name[("Service", "web")]["metadata"]
+    # Deleted objects past retention are left out from then on.
+    assert len(w.inventory_state(forget_deleted_before=datetime(2021, 1, 1, tzinfo=UTC))[1]) == 1
+
+    # Resumed from that state: no list; a change made meanwhile comes through the watch.
+    server.put(K.service("web", {"app": "web2"}, [{"port": 81}], cluster_ip="10.0.0.8",
+                         namespace="foo"))
+    again = _watcher(server, tmp_path, resources=resources, resource_versions=rvs,
+                     objects=objects)
+    assert ("foo", "web") in again.snapshot().service_accounts  # seeded, kept deleted
+    again.start()
+    try:
+        assert again.wait_for(
+            lambda w: w.snapshot().services[("foo", "web")].selector == {"app": "web2"}, 5)
+        assert again.stats.lists == 0
+        _, objects2 = again.inventory_state()
+    finally:
+        again.stop()
+    svc = next(o for o in objects2 if o["kind"] == "Service")
+    assert svc["spec"]["selector"] == {"app": "web2"}
+
+    # Resumed below the compaction point: 410, listed, the vanished object marked deleted.
+    server.delete("Service", "foo", "web")
+    server.compact()
+    third = _watcher(server, tmp_path, resources=resources,
+                     resource_versions=again.resource_versions(), objects=objects2)
+    third.start()
+    try:
+        assert third.wait_for(lambda w: w.stats.lists == 2, 5)
+        _, objects3 = third.inventory_state()
+    finally:
+        third.stop()
+    assert third.stats.gone == 2 and third.stats.vanished_objects == 1
+    svc = next(o for o in objects3 if o["kind"] == "Service")
+    assert svc["metadata"]["deletionTimestamp"] == "2020-11-25T22:00:00Z"

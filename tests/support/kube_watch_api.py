@@ -19,6 +19,13 @@ Faults: :meth:`drop_watch` (the next watch sends some events, then half of one a
 connection dies), :meth:`compact` (older resourceVersions become 410), :meth:`cut_log` (the next
 log response dies after N body bytes, mid-line), :attr:`outage` (the next N requests get the
 connection closed without an answer: the API server unavailable).
+
+TokenReview (``POST /apis/authentication.k8s.io/v1/tokenreviews``), shaped as the Kubernetes
+docs show it ("Managing Service Accounts", verifying private claims): tokens the test adds with
+:meth:`add_token` review as ``status.authenticated: true`` with the user (username, uid, groups,
+the pod-bound ``extra`` keys) and the audiences both sides share; an unknown token, or one whose
+audiences do not meet ``spec.audiences``, as ``authenticated`` absent plus ``status.error``;
+:attr:`tokenreview_status` set (e.g. 503) answers that status with a ``kind: Status`` body.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from support.kube_api import PATHS, _kubeconfig, _status
 
 __all__ = ["WatchApiServer", "_kubeconfig", "rfc3339nano"]
 
+TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 #: list path -> kind of its items
 ITEM_KINDS = {path: kind[:-4] for path, kind in PATHS.items()}
 
@@ -78,6 +86,12 @@ class WatchApiServer:
         self._cuts: dict[tuple[str, str, str], list[int]] = {}
         self.cond = threading.Condition()
         self.closing = False
+        #: token -> (username, audiences, node name or None)
+        self.tokens: dict[str, tuple[str, tuple[str, ...], str | None]] = {}
+        #: TokenReview requests: (spec, the caller's Authorization header)
+        self.tokenreviews: list[tuple[dict[str, Any], str | None]] = []
+        #: answer TokenReviews with this HTTP status instead (e.g. 503), while set
+        self.tokenreview_status: int | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,6 +114,18 @@ class WatchApiServer:
                     server._route(self, url.path, query)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
+
+            def do_POST(self) -> None:
+                url = urlparse(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with server.cond:
+                    server.requests.append((url.path, {}))
+                if url.path != TOKENREVIEW_PATH:
+                    _send(self, 404, _status(404, "NotFound", "the server could not find the "
+                                             "requested resource"))
+                    return
+                server._serve_tokenreview(self, body)
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
@@ -184,6 +210,54 @@ class WatchApiServer:
         """The next log response of this container dies after ``after_bytes`` body bytes."""
         with self.cond:
             self._cuts.setdefault((namespace, pod, container), []).append(after_bytes)
+
+    def add_token(self, token: str, username: str, *, audiences: tuple[str, ...] = (
+            "meshwright",), node: str | None = None) -> None:
+        """``token`` reviews as ``username`` for ``audiences`` (bound to a pod on ``node``)."""
+        with self.cond:
+            self.tokens[token] = (username, audiences, node)
+
+    def _serve_tokenreview(self, h: BaseHTTPRequestHandler, body: bytes) -> None:
+        try:
+            review = json.loads(body)
+            spec = review["spec"]
+            token = str(spec["token"])
+        except (ValueError, KeyError, TypeError):
+            _send(h, 400, _status(400, "BadRequest", "the body is not a TokenReview"))
+            return
+        with self.cond:
+            self.tokenreviews.append(({k: v for k, v in spec.items() if k != "token"},
+                                      h.headers.get("Authorization")))
+            fail = self.tokenreview_status
+            known = self.tokens.get(token)
+        if fail is not None:
+            _send(h, fail, _status(fail, "ServiceUnavailable", "the server is currently "
+                                   "unable to handle the request"))
+            return
+        wanted = list(spec.get("audiences") or ["https://kubernetes.default.svc.cluster.local"])
+        status: dict[str, Any]
+        shared = [a for a in wanted if known is not None and a in known[1]]
+        if known is None:
+            status = {"user": {}, "error": "[invalid bearer token, token lookup failed]"}
+        elif not shared:
+            status = {"user": {}, "error": f"[invalid bearer token, token audiences "
+                      f"{json.dumps(list(known[1]))} is invalid for the target audiences "
+                      f"{json.dumps(wanted)}]"}
+        else:
+            username, _, node = known
+            ns = username.split(":")[2] if username.count(":") == 3 else "default"
+            extra: dict[str, list[str]] = {
+                "authentication.kubernetes.io/credential-id": ["JTI=" + token[-8:]]}
+            if node is not None:
+                extra["authentication.kubernetes.io/node-name"] = [node]
+                extra["authentication.kubernetes.io/pod-name"] = [f"ebpf-{node}"]
+            status = {"authenticated": True, "audiences": shared, "user": {
+                "username": username, "uid": "f8b4161b-2e2b-11e9-86b7-2afc33b31a7e",
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}",
+                           "system:authenticated"], "extra": extra}}
+        _send(h, 201, json.dumps({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                                  "metadata": {"creationTimestamp": None},
+                                  "spec": spec, "status": status}).encode())
 
     # -- serving ------------------------------------------------------------------------------
     def _route(self, h: BaseHTTPRequestHandler, path: str, query: dict[str, list[str]]) -> None:
