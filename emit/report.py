@@ -109,6 +109,8 @@ def _summary(graph: Graph, findings: list[Finding], manifests: list[dict[str, An
          stats.get("records_mirrored", 0)],
         ["records with no destination identity (not in the graph)",
          stats.get("records_unattributed", 0)],
+        *([["loopback connections (both ends in one network namespace: no policy applies; "
+            "not in the graph)", stats["records_local"]]] if stats.get("records_local") else []),
         ["workloads", len(workloads)],
         ["edges", len(graph.edges)],
         ["requests/connections", total],

@@ -100,6 +100,9 @@ class GraphBuilder:
         #: Connection attempts that never carried traffic (refused, no answer): evidence for
         #: findings, never traffic to allow.
         self.records_failed = 0
+        #: Connections between two loopback addresses (packets on lo, eBPF): both ends in one
+        #: network namespace (one pod, or the node), so no mesh or NetworkPolicy rule applies.
+        self.records_local = 0
 
     # -- streaming -------------------------------------------------------------------------
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -114,6 +117,11 @@ class GraphBuilder:
             failed = pc.fill_null(pc.is_in(table["tcp_state"], pa.array(FAILED_STATES)), False)
             self.records_failed += int(pc.sum(failed).as_py() or 0)
             table = table.filter(pc.invert(failed))
+        if "kind" in table.column_names:
+            local = pc.fill_null(pc.and_(pc.equal(table["kind"], KIND_CONNECTION), pc.and_(
+                _loopback(table["src_ip"]), _loopback(table["dst_ip"]))), False)
+            self.records_local += int(pc.sum(local).as_py() or 0)
+            table = table.filter(pc.invert(local))
         cols = [c for c in _COLUMNS if c in table.column_names]
         frame = table.select(cols).to_pandas()
         if "kind" not in frame:
@@ -369,3 +377,9 @@ def _merge_acc(a: _EdgeAcc, b: _EdgeAcc) -> _EdgeAcc:
         hosts=a.hosts | b.hosts,
         evidence=heapq.nsmallest(EVIDENCE_SAMPLES, a.evidence + b.evidence),
     )
+
+
+def _loopback(ips: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Whether each address is a loopback one (127.0.0.0/8, ::1; mapped IPv4 is unmapped by
+    the readers)."""
+    return pc.or_(pc.starts_with(ips, "127."), pc.equal(ips, "::1"))

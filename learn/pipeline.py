@@ -33,7 +33,8 @@ class Learned:
     graph: Graph
     stats: dict[str, int] = field(default_factory=dict)
     """records_counted, records_mirrored (client copies of server-logged requests),
-    records_unattributed, records_failed (connection attempts that carried no traffic)."""
+    records_unattributed, records_failed (connection attempts that carried no traffic),
+    records_local (loopback connections: within one network namespace)."""
 
 
 def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "cluster.local",
@@ -80,4 +81,5 @@ def learn_graph(flows: Path, inventory: Inventory, *, trust_domain: str = "clust
         "records_mirrored": builder.records_mirrored,
         "records_unattributed": builder.records_unattributed,
         "records_failed": builder.records_failed,
+        "records_local": builder.records_local,
     })

@@ -106,3 +106,29 @@ def test_records_without_time_are_counted_not_fatal() -> None:
     assert edge.requests == 2
     assert edge.first_seen == edge.last_seen == T0
     assert edge.evidence == ["details.log:1", "x.json:9"]  # untimed evidence sorts last
+
+
+def test_loopback_connections_are_counted_not_edges() -> None:
+    """A connection between two loopback addresses never left its network namespace (one pod,
+    or the node): no mesh or NetworkPolicy rule applies, so it is counted, not an edge. A
+    proxy's request to its app on 127.0.0.1 is a request record and stays."""
+    conn = {"kind": "connection", "protocol": "tcp", "direction": "outbound",
+            "reporter": "bookinfo/details-v1-abc", "src_workload": "bookinfo/details-v1",
+            "dst_workload": None, "dst_pod": None}
+    rows = [
+        _req(0, src_ip="127.0.0.1", dst_ip="127.0.0.1", dst_port=15000, **conn),
+        _req(1, src_ip="::1", dst_ip="::1", dst_port=15020, **conn),
+        _req(2, src_ip="127.0.0.6", dst_ip="127.0.0.1", dst_port=9080, **conn),
+        # a connection leaving the pod: kept
+        _req(3, src_ip="10.0.0.1", dst_ip="10.0.0.2", dst_port=9080,
+             **{**conn, "dst_workload": "bookinfo/ratings-v1"}),
+        # a request record (sidecar to its app): kept
+        _req(4, src_ip="127.0.0.6", dst_ip="127.0.0.1"),
+    ]
+    builder = GraphBuilder()
+    builder.add(_batch(rows))
+    graph = builder.build(_node)
+    assert builder.records_local == 3
+    assert builder.records_counted == 2
+    assert sorted((e.destination, e.port) for e in graph.edges) == [
+        ("bookinfo/details-v1", 9080), ("bookinfo/ratings-v1", 9080)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -599,14 +600,15 @@ def test_send_usage_errors(args: list[str], message: str, tmp_path: Path) -> Non
 
 # -- the real tracer, end to end -----------------------------------------------------------------
 # A process that joins a cgroup named as the kubelet and containerd name a pod's (when given),
-# sets its command name, then serves (s) or makes (c) loopback connections; prints its ports.
+# sets its command name, then serves (s, on every IPv4 address) or makes (c) connections to the
+# addresses named; prints its ports.
 PEER = textwrap.dedent("""
     import ctypes, os, socket, sys
     if os.environ.get("MW_CGROUP"):
         open(os.environ["MW_CGROUP"] + "/cgroup.procs", "w").write(str(os.getpid()))
     ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
     if sys.argv[2] == "s":
-        srv = socket.create_server(("127.0.0.1", 0))
+        srv = socket.create_server(("", 0))
         print(srv.getsockname()[1], flush=True)
         for _ in range(int(sys.argv[3])):
             conn, _ = srv.accept()
@@ -614,14 +616,21 @@ PEER = textwrap.dedent("""
             conn.close()
     else:
         ports = []
-        for _ in range(int(sys.argv[4])):
-            c = socket.create_connection(("127.0.0.1", int(sys.argv[3])))
+        for host in sys.argv[4:]:
+            c = socket.create_connection((host, int(sys.argv[3])))
             ports.append(c.getsockname()[1])
             c.sendall(b"q" * 1024)
             assert len(c.recv(1024, socket.MSG_WAITALL)) == 1024
             c.close()
         print(" ".join(map(str, ports)), flush=True)
 """)
+
+
+def own_address() -> str:
+    """This machine's address on its default route (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        return str(s.getsockname()[0])
 
 
 @contextlib.contextmanager
@@ -653,7 +662,9 @@ def test_the_real_tracer_ships_to_the_observer(cluster: WatchApiServer, tmp_path
                owner=K.owner_ref("StatefulSet", "db"), meshed=False)
     cluster.put(web)
     cluster.put(db)
-    n = 5
+    n, m = 5, 2  # connections over the machine's own address, and over loopback
+    host = own_address()
+    assert not host.startswith("127."), host
     with observer(cluster, tmp_path) as obs, \
             pod_cgroup(web["metadata"]["uid"]) as web_cg, \
             pod_cgroup(db["metadata"]["uid"]) as db_cg:
@@ -672,12 +683,13 @@ def test_the_real_tracer_ships_to_the_observer(cluster: WatchApiServer, tmp_path
             if "tracer failed" in said and _REFUSED_BY_KERNEL.search(said):
                 pytest.skip(f"kernel refused the tracer: {said}")
             raise AssertionError(said)
-        server = subprocess.Popen([sys.executable, "-c", PEER, "mw-db", "s", str(n)],
+        server = subprocess.Popen([sys.executable, "-c", PEER, "mw-db", "s", str(n + m)],
                                   stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, "MW_CGROUP": str(db_cg or "")})
         assert server.stdout is not None
         sport = int(server.stdout.readline())
-        client = subprocess.run([sys.executable, "-c", PEER, "mw-web", "c", str(sport), str(n)],
+        client = subprocess.run([sys.executable, "-c", PEER, "mw-web", "c", str(sport),
+                                 *[host] * n, *["127.0.0.1"] * m],
                                 capture_output=True, text=True, timeout=30, check=True,
                                 env={**os.environ, "MW_CGROUP": str(web_cg or "")})
         server.wait(30)
@@ -699,11 +711,15 @@ def test_the_real_tracer_ships_to_the_observer(cluster: WatchApiServer, tmp_path
     assert {r["pod_uid"] for r in rows if r["direction"] == "outbound"} == {
         web["metadata"]["uid"]}
     # The proposal places each side through its own pod UID - the client's records in the
-    # web ReplicaSet's workload, the server's in the db StatefulSet - although both talked
-    # over 127.0.0.1, which no inventory resolves (so the far end of each side's records is
-    # left unknown: learn does not pair the two sides of one loopback connection).
+    # web ReplicaSet's workload, the server's in the db StatefulSet - although both used the
+    # machine's address, which no inventory resolves (so the far end of each side's records
+    # is left unknown: learn does not pair the two sides of one connection). The loopback
+    # connections never left one network namespace: counted, not edges.
     graph = json.loads((proposal / "graph.json").read_text())
     edges = {(e["source"], e["destination"]): e for e in graph["edges"] if e["port"] == sport}
-    assert set(edges) == {("foo/web-7f9c", "unknown:127.0.0.1"),
-                          ("unknown:127.0.0.1", "foo/db")}, edges
+    assert set(edges) == {("foo/web-7f9c", f"unknown:{host}"),
+                          (f"unknown:{host}", "foo/db")}, edges
     assert all(e["connections"] == n for e in edges.values())
+    local = re.search(r"\| loopback connections [^|]*\| (\d+) \|",
+                      (proposal / "report.md").read_text())
+    assert local is not None and int(local.group(1)) >= 2 * m
