@@ -50,13 +50,16 @@ examples:
       live capture (root or CAP_NET_RAW); Ctrl-C or SIGTERM stops it and keeps what was seen
   meshwright observe --ebpf --duration 300 -o node-flows.parquet
       eBPF connection tracing (bpftrace); Ctrl-C or SIGTERM stops it, open connections kept
-  meshwright observe --ebpf --send http://meshwright-observer.meshwright.svc:9090/v1/flows \\
-      --spool /var/lib/meshwright/spool --token-file /var/run/secrets/meshwright/token
-      trace this node until SIGTERM and ship its flows to the observer every 10 s (spooled
-      on disk until acknowledged: exactly once across restarts of either side)
-  meshwright observe --kube -A --state /var/lib/meshwright --emit-every 15m --listen :9090
+  meshwright observe --ebpf --send https://meshwright-observer.meshwright.svc:9090/v1/flows \\
+      --ca-file /etc/meshwright/observer-ca/ca.crt --spool /var/lib/meshwright/spool \\
+      --token-file /var/run/secrets/meshwright/token
+      trace this node until SIGTERM and ship its flows to the observer every 10 s over TLS
+      (spooled on disk until acknowledged: exactly once across restarts of either side)
+  meshwright observe --kube -A --state /var/lib/meshwright --emit-every 15m --listen :9090 \\
+      --tls-cert /etc/meshwright/tls/tls.crt --tls-key /etc/meshwright/tls/tls.key
       observe mode on a live cluster: proxy logs through the API, flows and proposals
-      under --state, resumes where it stopped; SIGTERM commits and exits
+      under --state, resumes where it stopped; SIGTERM commits and exits; /metrics,
+      /healthz and the nodes' /v1/flows over HTTPS
 
 Later: meshwright analyze flows.parquet --inventory cluster.json -o out/
 """
@@ -260,7 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     ebpf.add_argument("--send", metavar="URL",
                       help="instead of -o: ship the flows to a running observer's /v1/flows "
                       "(meshwright observe --kube --listen), e.g. "
-                      "http://meshwright-observer.meshwright.svc:9090/v1/flows")
+                      "https://meshwright-observer.meshwright.svc:9090/v1/flows; plain "
+                      "http:// only to a loopback address (or with --insecure-http)")
+    ebpf.add_argument("--ca-file", metavar="FILE",
+                      help="--send https://: verify the observer's certificate with the CAs in "
+                      "this PEM bundle only (default: the system's CAs), re-read when it "
+                      "changes; the URL's host must be in the certificate's subjectAltName")
+    ebpf.add_argument("--insecure-http", action="store_true", default=None,
+                      help="--send: allow plain http:// to a host that is not loopback. The "
+                      "node's bearer token and flows then cross the network in clear text: "
+                      "whoever reads the token can send fabricated flows as this node")
     ebpf.add_argument("--spool", metavar="DIR",
                       help="--send: keep shipments here until the observer acknowledged them "
                       "(kept across restarts; default: a temporary directory, lost at exit)")
@@ -312,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="delete flow partitions older than SPAN, keeping their edges in "
                       "edges-summary.json (default 7d)")
     kube.add_argument("--listen", metavar="ADDR:PORT",
-                      help="serve /metrics (Prometheus) and /healthz here, e.g. :9090")
+                      help="serve /metrics (Prometheus), /healthz and the nodes' POST "
+                      "/v1/flows here, e.g. :9090; plain HTTP unless --tls-cert/--tls-key")
+    kube.add_argument("--tls-cert", metavar="FILE",
+                      help="with --tls-key: --listen speaks HTTPS only (TLS 1.2+; /metrics "
+                      "and /healthz too: probes and scrapes need https). PEM certificate "
+                      "(chain); the pair is re-read when the files change (checked at most "
+                      "every 30 s)")
+    kube.add_argument("--tls-key", metavar="FILE",
+                      help="the PEM private key of --tls-cert (unencrypted)")
     kube.add_argument("--ingest-allow", action="append", metavar="USER",
                       help="with --listen: who may POST node flows to /v1/flows, checked by "
                       "TokenReview (repeatable; default "

@@ -106,7 +106,8 @@ def _report_observe(args: argparse.Namespace, stats: ObserveStats) -> None:
 
 def observe(args: argparse.Namespace) -> int:
     send_only = [f"--{n.replace('_', '-')}" for n in ("spool", "spool_max_bytes", "token_file",
-                                                       "drain_timeout")
+                                                       "drain_timeout", "ca_file",
+                                                       "insecure_http")
                  if getattr(args, n) is not None]
     if send_only and not args.send:
         raise UsageError(f"{', '.join(send_only)} apply to --ebpf --send",
@@ -118,7 +119,8 @@ def observe(args: argparse.Namespace) -> int:
         return _observe_kube(args)
     kube_only = [f"--{n.replace('_', '-')}" for n in ("state", "git_dir", "listen", "namespaces",
                                                        "context", "kubeconfig", "mesh",
-                                                       "ingest_allow", "ingest_max_bytes")
+                                                       "ingest_allow", "ingest_max_bytes",
+                                                       "tls_cert", "tls_key")
                  if getattr(args, n) is not None]
     if kube_only:
         raise UsageError(f"{', '.join(kube_only)} apply to --kube", hint="add --kube")
@@ -182,6 +184,11 @@ def _observe_kube(args: argparse.Namespace) -> int:
     if (args.ingest_allow or args.ingest_max_bytes) and not args.listen:
         raise UsageError("--ingest-allow and --ingest-max-bytes apply to the /v1/flows "
                          "endpoint of --listen", hint="add --listen :9090")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together",
+                         hint="give the certificate and its private key (PEM), or neither")
+    if args.tls_cert and not args.listen:
+        raise UsageError("--tls-cert and --tls-key apply to --listen", hint="add --listen :9090")
     extra = [f"--{n}" for n in ("bpf", "duration", "count", "save") if getattr(args, n)]
     if extra:
         raise UsageError(f"{', '.join(extra)} apply to --iface, not --kube")
@@ -200,6 +207,10 @@ def _observe_kube(args: argparse.Namespace) -> int:
     if args.git_dir and not Path(args.git_dir).is_dir():
         raise InputError("not a directory", origin=args.git_dir,
                          hint="--git names a git working tree")
+    if args.tls_cert:  # the pair is loaded again by the listener; here it fails before anything
+        from meshwright.ingest import load_server_context
+
+        load_server_context(Path(args.tls_cert), Path(args.tls_key))
     config = ObserverConfig(
         state=Path(args.state), namespaces=args.namespaces, context=args.context,
         kubeconfig=args.kubeconfig, emit_every=emit_every,
@@ -212,6 +223,8 @@ def _observe_kube(args: argparse.Namespace) -> int:
         ingest_allow=(tuple(dict.fromkeys(args.ingest_allow)) if args.ingest_allow
                       else DEFAULT_ALLOW),
         ingest_max_bytes=args.ingest_max_bytes or DEFAULT_MAX_BODY,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
     )
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -275,12 +288,33 @@ def _observe_ebpf_send(args: argparse.Namespace) -> int:
         DEFAULT_SPOOL_BYTES,
         DEFAULT_TOKEN_FILE,
         DRAIN_SECONDS,
+        INSECURE_HINT,
         Shipper,
         Spool,
         check_url,
+        client_context,
+        plaintext_host,
     )
 
-    url = check_url(args.send)
+    url = check_url(args.send, insecure_http=True)  # an http(s) URL at all
+    host = plaintext_host(url)
+    if host is not None and not args.insecure_http:
+        raise UsageError(f"--send {url}: plain http:// to {host} would send the node's "
+                         "bearer token and its flows in clear text", hint=INSECURE_HINT)
+    https = url.lower().startswith("https://")
+    if args.ca_file and not https:
+        raise UsageError("--ca-file verifies an https:// observer; --send is http://",
+                         hint="use https:// in --send")
+    if args.insecure_http and https:
+        raise UsageError("--insecure-http and an https:// --send URL contradict each other",
+                         hint="leave --insecure-http out")
+    ca_file = Path(args.ca_file) if args.ca_file else None
+    if https:
+        client_context(ca_file)  # a bad --ca-file fails here, before tracing starts
+    elif host is not None:
+        print(f"meshwright: WARNING: --insecure-http: the node's bearer token and flows go to "
+              f"{host} in clear text; whoever reads the token can send flows as this node "
+              "until it expires", file=sys.stderr)
     node = os.environ.get("NODE_NAME") or socket.gethostname()
     if args.spool:
         spool_dir = Path(args.spool)
@@ -299,7 +333,8 @@ def _observe_ebpf_send(args: argparse.Namespace) -> int:
     else:
         token_file_opt = token_file
     every = args.flush_every or DEFAULT_FLUSH_SECONDS
-    shipper = Shipper(url, spool, node=node, token_file=token_file_opt, flush_every=every)
+    shipper = Shipper(url, spool, node=node, token_file=token_file_opt, ca_file=ca_file,
+                      insecure_http=bool(args.insecure_http), flush_every=every)
     stop = threading.Event()
     stats = TraceStats()
     ready = threading.Event()
@@ -330,7 +365,9 @@ def _observe_ebpf_send(args: argparse.Namespace) -> int:
                   if ship.rejected else "")
                + (f"; {spool.stats.dropped:,} DROPPED undelivered (spool full)"
                   if spool.stats.dropped else "")
-               + (f"; {len(left):,} left in {spool.root} for the next start" if left else ""))
+               + (f"; {len(left):,} left in {spool.root} for the next start" if left else "")
+               + (f"; {ship.failures['tls']:,} attempts failed TLS ({ship.last_tls_error})"
+                  if ship.failures.get("tls") else ""))
     if not args.spool and not left and not spool.rejected():
         shutil.rmtree(spool.root, ignore_errors=True)
     return EXIT_OK

@@ -21,6 +21,16 @@ the node, its stream id and the shipment's number in headers). In order:
    number past the next one is stored and the missing ones counted (the node dropped them from
    a full spool). No commit within ``wait`` seconds, or a stopping observer: 503, and the node
    sends again (a resend of a shipment that was committed meanwhile is a duplicate).
+
+**Transport** (:class:`ServerTLS`): with a certificate and key the listener speaks HTTPS only
+(TLS 1.2+), so the bearer token never crosses the network in clear text - whoever read it could
+send fabricated flows as that node for the rest of its hour, and meshwright would propose
+policies allowing traffic that never happened. The files are checked for changes at most every
+``reload_every`` seconds, when a connection arrives, and a changed pair is loaded for the
+connections from then on (cert-manager or a re-created Secret rotate them in place); a pair
+that does not load (half-written, key not matching) keeps the previous one, logged and counted.
+Clients that fail the handshake (plain HTTP, a client not trusting the certificate, old TLS)
+are logged at debug level and counted by reason, never fatal.
 """
 
 from __future__ import annotations
@@ -28,18 +38,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from observe.errors import FormatError, InventoryError
+from observe.errors import FormatError, InputError, InventoryError
 from observe.kube import ApiUnavailable, KubeApi
 from observe.ship import (
     HEADER_NODE,
@@ -47,7 +61,11 @@ from observe.ship import (
     HEADER_SEQ,
     HEADER_STREAM,
     STREAM_ID,
+    TLS_MINIMUM,
     decode_shipment,
+    file_stamp,
+    read_pem,
+    ssl_words,
 )
 from observe.state import IngestCursor
 
@@ -468,6 +486,178 @@ class Ingestor:
         yield from (ship, rows, missing, seen, rej)
         yield GaugeMetricFamily("meshwright_ingest_waiting",
                                 "Node shipments waiting for their commit", value=waiting)
+
+
+# -- TLS for the listener -----------------------------------------------------------------------
+#: Seconds between checks of the certificate and key files for a change (on new connections).
+TLS_RELOAD_SECONDS = 30.0
+#: Seconds a client gets to complete the TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: The reasons failed handshakes are counted by (``meshwright_tls_handshake_failures_total``).
+HANDSHAKE_REASONS = ("untrusted_certificate", "plain_http", "protocol_version", "timeout",
+                     "closed", "other")
+
+
+def load_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context with the PEM certificate chain ``cert`` and its private key
+    ``key``. Raises :class:`InputError` naming the file at fault: missing or unreadable, not
+    PEM, an encrypted key, or a key that does not belong to the certificate."""
+    cert_pem = read_pem(cert, "TLS certificate file", "CERTIFICATE")
+    key_pem = read_pem(key, "TLS private key file", "PRIVATE KEY")
+    if "ENCRYPTED" in key_pem:
+        raise InputError("the TLS private key is encrypted (meshwright takes an unencrypted "
+                         "key, as kubernetes.io/tls Secrets hold it)", origin=str(key))
+    try:  # the certificate alone first, so that its faults name its file
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise InputError(f"not a usable PEM certificate: {ssl_words(exc)}",
+                         origin=str(cert)) from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_MINIMUM
+    context.set_alpn_protocols(["http/1.1"])
+
+    def no_password() -> bytes:
+        raise ValueError("the key asks for a password")
+
+    try:
+        context.load_cert_chain(str(cert), str(key), password=no_password)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise InputError(f"the TLS private key does not belong to the certificate {cert}",
+                             origin=str(key),
+                             hint="--tls-key must be the key of --tls-cert (a renewal may "
+                                  "have replaced one of the two only)") from exc
+        raise InputError(f"not a usable PEM private key (damaged, or not the key of a "
+                         f"certificate: {ssl_words(exc)})",
+                         origin=str(key)) from exc
+    except (OSError, ValueError) as exc:  # changed between the read above and this load
+        raise InputError(f"cannot load the TLS certificate and key: {ssl_words(exc)}",
+                         origin=str(key)) from exc
+    return context
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """Which of :data:`HANDSHAKE_REASONS` a failed server-side handshake was."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or "").upper()
+        if reason in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"):
+            return "plain_http"
+        if "ALERT" in reason and ("CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA")):
+            return "untrusted_certificate"
+        if "VERSION" in reason or "PROTOCOL" in reason:
+            return "protocol_version"
+        if isinstance(exc, ssl.SSLEOFError) or "EOF" in reason:
+            return "closed"
+        return "other"
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "closed"
+    return "other"
+
+
+class ServerTLS(Collector):
+    """The listener's TLS: the current context (reloaded when the files changed, checked at
+    most every ``reload_every`` seconds as connections arrive), the handshake of each
+    connection, and their counters as Prometheus metrics."""
+
+    def __init__(self, cert: Path, key: Path, *, reload_every: float = TLS_RELOAD_SECONDS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cert = Path(cert)
+        self.key = Path(key)
+        self.reload_every = reload_every
+        self.handshake_timeout = handshake_timeout
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:  # before loading: a change in between is seen at the first look
+            self._stamp = file_stamp(self.cert, self.key)
+        except OSError as exc:
+            load_server_context(self.cert, self.key)  # says which file and why
+            raise InputError(f"cannot read: {exc.strerror or exc}",
+                             origin=str(exc.filename or self.cert)) from exc
+        self._context = load_server_context(self.cert, self.key)
+        self._checked = clock()
+        self._failed_stamp: object = None
+        self.reloads = 0
+        self.reload_errors = 0
+        self.handshakes = 0
+        self.failures: dict[str, int] = {}
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection: the files are looked at when ``reload_every``
+        passed since the last look; changed, they are loaded (a pair that does not load keeps
+        the current context and is retried at the next look)."""
+        with self._lock:
+            now = self.clock()
+            if now - self._checked < self.reload_every:
+                return self._context
+            self._checked = now
+            try:
+                stamp = file_stamp(self.cert, self.key)
+                if stamp == self._stamp:
+                    return self._context
+                context = load_server_context(self.cert, self.key)
+            except (OSError, InputError) as exc:
+                self.reload_errors += 1
+                if str(exc) != self._failed_stamp:
+                    self._failed_stamp = str(exc)
+                    log.error("TLS certificate not reloaded, still serving the previous one: "
+                              "%s", exc)
+                return self._context
+            self._context, self._stamp, self._failed_stamp = context, stamp, None
+            self.reloads += 1
+        log.info("TLS certificate reloaded", extra={"fields": {"cert": str(self.cert)}})
+        return context
+
+    def handshake(self, sock: socket.socket, peer: Any) -> ssl.SSLSocket | None:
+        """``sock`` (a new connection) after a server-side TLS handshake, or None when the
+        handshake failed (logged at debug level, counted, the connection closed)."""
+        try:
+            sock.settimeout(self.handshake_timeout)
+            conn = self.context().wrap_socket(sock, server_side=True,
+                                              do_handshake_on_connect=False)
+        except OSError as exc:
+            self._failed(exc, peer)
+            sock.close()
+            return None
+        try:
+            conn.do_handshake()
+            conn.settimeout(None)
+        except OSError as exc:  # ssl.SSLError, timeouts and resets are OSErrors
+            self._failed(exc, peer)
+            conn.close()
+            return None
+        with self._lock:
+            self.handshakes += 1
+        return conn
+
+    def _failed(self, exc: BaseException, peer: Any) -> None:
+        reason = handshake_reason(exc)
+        with self._lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else peer
+        log.debug("TLS handshake with %s failed (%s): %s", where, reason, ssl_words(exc))
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            failures = dict(self.failures)
+            handshakes, reloads, errors = self.handshakes, self.reloads, self.reload_errors
+        yield CounterMetricFamily("meshwright_tls_handshakes",
+                                  "TLS handshakes completed on --listen", value=handshakes)
+        fam = CounterMetricFamily("meshwright_tls_handshake_failures",
+                                  "TLS handshakes on --listen that failed, by reason "
+                                  "(untrusted_certificate: the client refused this "
+                                  "certificate; plain_http; protocol_version: TLS below 1.2 or "
+                                  "not TLS; timeout; closed; other)", labels=["reason"])
+        for reason in HANDSHAKE_REASONS:
+            fam.add_metric([reason], failures.get(reason, 0))
+        yield fam
+        yield CounterMetricFamily("meshwright_tls_certificate_reloads",
+                                  "Changed TLS certificate/key files loaded", value=reloads)
+        yield CounterMetricFamily("meshwright_tls_certificate_reload_errors",
+                                  "Checks that found changed TLS files which did not load "
+                                  "(the previous certificate kept)", value=errors)
 
 
 def _unix(stamp: str) -> float:

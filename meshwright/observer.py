@@ -45,8 +45,10 @@ from meshwright.ingest import (
     DEFAULT_ALLOW,
     DEFAULT_MAX_BODY,
     INGEST_PATH,
+    TLS_RELOAD_SECONDS,
     IngestConfig,
     Ingestor,
+    ServerTLS,
     TokenReviewer,
 )
 from observe.errors import InputError, MeshwrightError
@@ -109,6 +111,11 @@ class ObserverConfig:
     ingest_max_bytes: int = DEFAULT_MAX_BODY
     ingest_wait: float = 20.0
     ingest_commit_every: float = 0.25
+    tls_cert: Path | None = None
+    """With ``tls_key``: ``listen`` speaks HTTPS only (meshwright.ingest.ServerTLS)."""
+    tls_key: Path | None = None
+    tls_reload_seconds: float = TLS_RELOAD_SECONDS
+    """The certificate and key files are looked at for a change at most this often."""
 
 
 @dataclass
@@ -178,6 +185,7 @@ class Observer:
         self.registry.register(_Metrics(self))
         self._server: ThreadingHTTPServer | None = None
         self.address: tuple[str, int] | None = None
+        self.tls: ServerTLS | None = None
 
     # -- pod history ------------------------------------------------------------------------
     def _on_pod(self, event: str, pod: Mapping[str, Any]) -> None:
@@ -428,9 +436,23 @@ class Observer:
         return True, "ok"
 
     def _serve(self) -> None:
+        """``/metrics``, ``/healthz`` and ``POST /v1/flows`` on ``listen``: plain HTTP, or
+        HTTPS only with ``tls_cert``/``tls_key`` (each connection's handshake in its own
+        thread, so a slow or failing client holds up no other)."""
         if self.config.listen is None:
             return
         observer = self
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if (cert is None) != (key is None):
+            raise InputError("a TLS certificate needs its key and a key its certificate",
+                             origin="--tls-cert/--tls-key")
+        tls = None
+        if cert is not None and key is not None:
+            tls = ServerTLS(cert, key, reload_every=self.config.tls_reload_seconds)
+            if self.tls is not None:
+                self.registry.unregister(self.tls)
+            self.registry.register(tls)
+            self.tls = tls
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -470,6 +492,19 @@ class Observer:
             # backlog (5) overflowed at 20 nodes and cost 40 % of ingest (benchmarks/RESULTS.md).
             request_queue_size = 128
 
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                if tls is None:
+                    super().finish_request(request, client_address)
+                    return
+                # In the connection's own thread (ThreadingMixIn): the handshake, then HTTP.
+                conn = tls.handshake(request, client_address)
+                if conn is None:
+                    return
+                try:
+                    Handler(conn, client_address, self)
+                finally:
+                    conn.close()
+
         try:
             self._server = Server(self.config.listen, Handler)
         except OSError as exc:
@@ -481,7 +516,8 @@ class Observer:
         threading.Thread(target=self._server.serve_forever, daemon=True,
                          name="meshwright-metrics").start()
         log.info("listening", extra={"fields": {"address": f"{self.address[0]}:"
-                                                           f"{self.address[1]}"}})
+                                                           f"{self.address[1]}",
+                                                "tls": tls is not None}})
 
     def _shutdown_server(self) -> None:
         if self._server is not None:

@@ -23,13 +23,22 @@ The protocol, one POST per shipment:
   ``X-Meshwright-Seq``: the shipment's number in its stream, 1, 2, 3, ...;
   ``X-Meshwright-Rows``: its rows.
 
+Transport: ``https://`` (TLS 1.2 or later, the observer's certificate verified against
+``ca_file`` - a PEM bundle, re-read when it changes - or the system's CAs, and its name
+against the URL's host: the Service's DNS name must be in the certificate's SAN). Plain
+``http://`` is refused unless the host is a loopback address or ``insecure_http`` is given:
+the bearer token would cross the network in clear text, and whoever reads it can send flows
+as this node until it expires (:func:`check_url`).
+
 Answers: 2xx delivered (JSON ``{"result": "stored"|"duplicate", ...}``). Retried in order, with
 exponential back-off and jitter (:class:`observe.watch.Backoff`): no connection, timeouts, 5xx,
 429, 408, and the answers that are about the sender or the address rather than the shipment -
 401 (the token file is read again), 403 (this identity is not allowed: fix the observer's
-``--ingest-allow``), 404/405 (not the ingest endpoint, or an observer without it). Any other
-4xx (400 malformed, 413 too large, ...) rejects this shipment for good: the file is kept aside
-as ``rejected-*`` with the reason next to it, logged and counted, and the next one is sent.
+``--ingest-allow``), 404/405 (not the ingest endpoint, or an observer without it), and TLS
+failures (unknown CA, name mismatch, expired, an observer speaking plain HTTP: logged once with
+the reason until it changes or a shipment goes through, counted as ``tls``). Any other 4xx (400
+malformed, 413 too large, ...) rejects this shipment for good: the file is kept aside as
+``rejected-*`` with the reason next to it, logged and counted, and the next one is sent.
 
 The spool is bounded (``max_bytes``): when a new shipment would not fit, rejected files go
 first, then the oldest undelivered shipments, each logged as an error and counted (the observer
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -89,6 +99,9 @@ STREAM_ID = re.compile(r"^[0-9a-f]{8,64}$")
 #: FLOW_SCHEMA without its documentation metadata (10 KiB a shipment otherwise); the receiver
 #: conforms to FLOW_SCHEMA again.
 WIRE_SCHEMA = pa.schema([pa.field(f.name, f.type) for f in FLOW_SCHEMA])
+
+#: TLS versions below this are refused, by the node and by the observer.
+TLS_MINIMUM = ssl.TLSVersion.TLSv1_2
 
 _SHIP = re.compile(r"^ship-(\d{12})-(\d+)\.arrows(\.zst)?$")
 _REJECTED = re.compile(r"^rejected-(\d{12})-(\d+)\.arrows(\.zst)?$")
@@ -390,15 +403,17 @@ class Poster(Protocol):
                  timeout: float) -> Response: ...
 
 
-def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> Response:
-    """One POST on a fresh connection (http or https with the system's CAs); raises
-    ``OSError`` / ``http.client.HTTPException`` when there is no answer."""
+def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float, *,
+              context: ssl.SSLContext | None = None) -> Response:
+    """One POST on a fresh connection; https with ``context`` (default: the system's CAs,
+    :func:`client_context`). Raises ``OSError`` (``ssl.SSLError`` for TLS) /
+    ``http.client.HTTPException`` when there is no answer."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout,
-                                           context=ssl.create_default_context())
+                                           context=context or client_context())
     else:
         conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
     try:
@@ -412,16 +427,164 @@ def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float)
         conn.close()
 
 
-def check_url(url: str) -> str:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address literal (127.0.0.0/8, ::1, ::ffff:127.x): traffic
+    to it never leaves the machine. Other names are not resolved (DNS could say anything)."""
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+def plaintext_host(url: str) -> str | None:
+    """The host of an ``http://`` URL that leaves the machine (not loopback), else None."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return host if parts.scheme == "http" and not is_loopback(host) else None
+
+
+INSECURE_HINT = ("use https:// with the observer's CA (--ca-file FILE), as deploy/ does; "
+                 "--insecure-http sends in clear text anyway (a lab, never a cluster network)")
+
+
+def check_url(url: str, *, insecure_http: bool = False) -> str:
+    """``url`` if it is an http(s) URL the node may send to: plain ``http://`` only to a
+    loopback host or with ``insecure_http`` (the bearer token would cross the network in clear
+    text). Raises :class:`InputError` (origin ``--send``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"not an http(s) URL: {url!r}", origin="--send",
-                         hint="e.g. http://meshwright-observer.meshwright.svc:9090/v1/flows")
+                         hint="e.g. https://meshwright-observer.meshwright.svc:9090/v1/flows")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
         raise InputError(f"bad port in {url!r}", origin="--send") from exc
+    host = plaintext_host(url)
+    if host is not None and not insecure_http:
+        raise InputError(f"plain http:// to {host} would send the node's bearer token and its "
+                         "flows in clear text", origin="--send", hint=INSECURE_HINT)
     return url
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def file_stamp(*paths: Path) -> tuple[tuple[int, int, int, int], ...]:
+    """What changes when any of ``paths`` is rewritten or replaced (mtime, size, inode,
+    device; symbolic links followed, as a Kubernetes volume's ``..data`` swap needs). Raises
+    ``OSError``."""
+    out = []
+    for path in paths:
+        st = os.stat(path)
+        out.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev))
+    return tuple(out)
+
+
+def read_pem(path: Path, what: str, label: str) -> str:
+    """The text of a PEM file holding at least one ``-----BEGIN ... <label>-----`` block
+    (``CERTIFICATE``, ``PRIVATE KEY``: RSA/EC/PKCS#8 keys too); :class:`InputError` naming the
+    file otherwise (missing, unreadable, not PEM)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the {what}: {exc.strerror or exc}",
+                         origin=str(path)) from exc
+    text = data.decode("ascii", "replace")
+    if not re.search(rf"-----BEGIN [A-Z0-9 ]*{label}-----", text):
+        raise InputError(f"no PEM {label.lower()} in the {what}", origin=str(path),
+                         hint=f"expected a '-----BEGIN {label}-----' block")
+    return text
+
+
+def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """TLS 1.2+, certificate and host name verified: against the PEM bundle ``ca_file`` only,
+    or the system's CAs. Raises :class:`InputError` naming ``ca_file``."""
+    if ca_file is None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no system CAs: this bundle only
+        pem = read_pem(ca_file, "CA file", "CERTIFICATE")
+        try:
+            context.load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise InputError(f"not a usable PEM CA bundle: {ssl_words(exc)}",
+                             origin=str(ca_file)) from exc
+    context.minimum_version = TLS_MINIMUM
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class ClientTLS:
+    """The context shipments are verified with, rebuilt when ``ca_file`` changed (a ``stat``
+    before each request: a rotated CA bundle in a ConfigMap or Secret volume is used at the
+    next attempt). A bundle that cannot be read or parsed meanwhile (half-written) keeps the
+    previous context and is logged once."""
+
+    def __init__(self, ca_file: Path | None = None) -> None:
+        self.ca_file = Path(ca_file) if ca_file is not None else None
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp: tuple[tuple[int, int, int, int], ...] = ()
+        if self.ca_file is not None:
+            try:  # before loading: a change in between is seen at the first request
+                self._stamp = file_stamp(self.ca_file)
+            except OSError as exc:
+                client_context(self.ca_file)  # says why
+                raise InputError(f"cannot read the CA file: {exc.strerror or exc}",
+                                 origin=str(self.ca_file)) from exc
+        self._context = client_context(self.ca_file)
+        self._bad: object = None
+
+    def context(self) -> ssl.SSLContext:
+        if self.ca_file is None:
+            return self._context
+        with self._lock:
+            try:
+                stamp = file_stamp(self.ca_file)
+                if stamp == self._stamp:
+                    return self._context
+                context = client_context(self.ca_file)
+            except (OSError, InputError) as exc:
+                key = str(exc)
+                if key != self._bad:
+                    log.warning("CA file %s not reloaded (keeping the one read before): %s",
+                                self.ca_file, exc)
+                    self._bad = key
+                return self._context
+            self._context, self._stamp, self._bad = context, stamp, None
+            self.reloads += 1
+            log.info("CA file %s changed: re-read", self.ca_file)
+            return context
+
+
+#: OpenSSL verification codes (``X509_V_ERR_*``) and what to do about them.
+_VERIFY_HINTS = {
+    18: "a self-signed certificate: give it in --ca-file",
+    19: "signed by a CA not in --ca-file, or not among the system's CAs without it",
+    20: "signed by a CA not in --ca-file, or not among the system's CAs without it",
+    21: "signed by a CA not in --ca-file, or not among the system's CAs without it",
+    9: "not valid yet: check the clocks",
+    10: "expired: is it being renewed?",
+    62: "the certificate's subjectAltName must name the URL's host",
+    64: "the certificate's subjectAltName must name the URL's address",
+}
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """One line: why the TLS handshake with the observer failed, and the likely fix."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = str(exc.verify_message or exc.reason or exc).strip().rstrip(".")
+        hint = _VERIFY_HINTS.get(int(exc.verify_code or 0))
+        return f"certificate verify failed: {message}" + (f" ({hint})" if hint else "")
+    if str(exc.reason or "") in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"):
+        return (f"{ssl_words(exc)} (not TLS: is the observer listening without --tls-cert, "
+                "in plain HTTP?)")
+    return ssl_words(exc)
 
 
 # -- the shipper ---------------------------------------------------------------------------------
@@ -440,12 +603,15 @@ class ShipStats:
     rows_rejected: int = 0
     attempts: int = 0
     failures: dict[str, int] = field(default_factory=dict)
-    """Failed attempts (retried) by kind: unreachable, http-5xx, http-429, http-401, ..."""
+    """Failed attempts (retried) by kind: unreachable, tls (the observer's certificate not
+    verified, or no TLS), http-5xx, http-429, http-401, ..."""
     latency_sum: float = 0.0
     """Seconds from cutting a shipment to its acknowledgement, summed (this run's shipments)."""
     latency_max: float = 0.0
     latency_count: int = 0
     last_error: str | None = None
+    last_tls_error: str | None = None
+    """Why the last TLS handshake with the observer failed."""
 
     @property
     def latency_mean(self) -> float:
@@ -467,19 +633,28 @@ _END = _End()
 class Shipper:
     """Cuts record batches into shipments, spools them and delivers them in order.
 
-    ``post`` (default :func:`http_post`), ``clock`` (monotonic seconds) and ``backoff`` (a
-    :class:`Backoff` factory) are injectable. :meth:`run` returns when the source ended (or
+    ``ca_file``: the PEM bundle an ``https://`` observer's certificate is verified with
+    (default: the system's CAs); ``insecure_http``: allow plain ``http://`` to a host that is
+    not loopback (:func:`check_url`). ``post`` (default :func:`http_post` with the TLS context),
+    ``clock`` (monotonic seconds) and ``backoff`` (a :class:`Backoff` factory) are
+    injectable. :meth:`run` returns when the source ended (or
     ``stop`` was set and the source did not end within ``source_grace``) and the spool was
     delivered or ``drain_timeout`` passed (what is left stays spooled for the next start).
     """
 
     def __init__(self, url: str, spool: Spool, *, node: str, token_file: Path | None = None,
+                 ca_file: Path | None = None, insecure_http: bool = False,
                  flush_every: float = DEFAULT_FLUSH_SECONDS,
                  max_shipment_bytes: int = DEFAULT_SHIPMENT_BYTES,
                  zstd: bool = True, timeout: float = 30.0,
                  backoff: Callable[[], Backoff] | None = None, post: Poster | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.url = check_url(url)
+        self.url = check_url(url, insecure_http=insecure_http)
+        https = urlsplit(self.url).scheme == "https"
+        if ca_file is not None and not https:
+            raise InputError("a CA file verifies an https:// observer; this URL is http://",
+                             origin="--ca-file", hint="use https:// in --send")
+        self.tls = ClientTLS(ca_file) if https else None
         self.spool = spool
         self.node = node
         self.token_file = token_file
@@ -488,7 +663,7 @@ class Shipper:
         self.zstd = zstd
         self.timeout = timeout
         self._backoff = backoff or (lambda: Backoff(base=0.5, cap=30.0))
-        self.post: Poster = post or http_post
+        self.post: Poster = post or self._http_post
         self.clock = clock
         self.stats = ShipStats()
         self._wake = threading.Event()
@@ -497,7 +672,13 @@ class Shipper:
         self._deadline = float("inf")
         self._cut_at: dict[int, float] = {}
         self._token_warned = False
+        self._tls_logged: str | None = None
         self.sender_error: BaseException | None = None
+
+    def _http_post(self, url: str, body: bytes, headers: Mapping[str, str],
+                   timeout: float) -> Response:
+        return http_post(url, body, headers, timeout,
+                         context=self.tls.context() if self.tls is not None else None)
 
     # -- running -----------------------------------------------------------------------------
     def run(self, source: Iterable[pa.RecordBatch], stop: threading.Event | None = None, *,
@@ -657,6 +838,9 @@ class Shipper:
         self.stats.attempts += 1
         try:
             resp = self.post(self.url, body, headers, timeout)
+        except ssl.SSLError as exc:  # the observer's certificate, or TLS itself
+            self._tls_failed(shipment, tls_reason(exc))
+            return 0.0
         except (OSError, http.client.HTTPException) as exc:
             self._failed(shipment, "unreachable", f"{type(exc).__name__}: {_one_line(exc)}")
             return 0.0
@@ -678,6 +862,7 @@ class Shipper:
         return None
 
     def _delivered(self, shipment: Shipment, resp: Response) -> None:
+        self._tls_logged = None
         self.spool.delivered(shipment)
         self.stats.delivered += 1
         self.stats.rows_delivered += shipment.rows
@@ -705,6 +890,21 @@ class Shipper:
                 }.get(kind, "")
         log.warning("shipment %d not delivered: %s%s; retrying", shipment.seq, message, hint)
 
+    def _tls_failed(self, shipment: Shipment, reason: str) -> None:
+        """Retried like no connection; logged (as an error) once per reason until a shipment
+        goes through - every retry would say the same - and counted as ``tls``."""
+        self.spool.release(shipment)
+        self.stats.failures["tls"] = self.stats.failures.get("tls", 0) + 1
+        self.stats.last_error = f"TLS: {reason}"
+        self.stats.last_tls_error = reason
+        if reason != self._tls_logged:
+            self._tls_logged = reason
+            log.error("shipment %d not delivered: TLS with %s failed: %s; retrying (logged "
+                      "once until the reason changes or a shipment goes through)",
+                      shipment.seq, urlsplit(self.url).netloc, reason)
+        else:
+            log.debug("shipment %d not delivered: TLS: %s; retrying", shipment.seq, reason)
+
 
 def _answer(resp: Response) -> str:
     """The observer's one-line reason (its JSON ``error``), or the start of the body."""
@@ -727,3 +927,11 @@ def _retry_after(resp: Response) -> float:
 
 def _one_line(value: object) -> str:
     return " ".join(str(value).split())[:300]
+
+
+def ssl_words(exc: BaseException) -> str:
+    """An ``ssl.SSLError``'s message without OpenSSL's ``[LIB: CODE]`` prefix and the
+    ``(_ssl.c:NNNN)`` suffix."""
+    text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+    text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", text)
+    return _one_line(re.sub(r"^\[[^\]]*\]\s*", "", text)) or type(exc).__name__

@@ -1,5 +1,7 @@
 """deploy/: valid Kubernetes objects, with the privileges they claim; the eBPF DaemonSet ships
-to the observer's Service with a token only the observer accepts.
+to the observer's Service over TLS, verifying its certificate, with a token only the observer
+accepts; the TLS recipes of deploy/README.md (run with the ``openssl`` command) and the
+cert-manager example make what the manifests mount.
 
 kubeconform is not installable here (no registry ships it), so each object is checked
 against the Kubernetes API's own types as the official Python client generates them from the
@@ -10,8 +12,13 @@ constructors must accept it (they reject missing required fields).
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
+import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,8 +27,9 @@ import kubernetes.client as k8s
 import pytest
 import yaml
 
-from meshwright.ingest import AUDIENCE, DEFAULT_ALLOW, INGEST_PATH
-from observe.ship import DEFAULT_TOKEN_FILE
+from meshwright.cli import build_parser
+from meshwright.ingest import AUDIENCE, DEFAULT_ALLOW, INGEST_PATH, ServerTLS
+from observe.ship import DEFAULT_TOKEN_FILE, client_context, plaintext_host
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MANIFEST = DEPLOY / "ebpf-daemonset.yaml"
@@ -161,7 +169,7 @@ def test_the_daemonset_ships_to_the_observer_with_a_token_only_it_accepts() -> N
     url = urlsplit(args["send"])
     svc = by_kind(docs, "Service")["meshwright-observer"]
     host = f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc"
-    assert (url.scheme, url.hostname, url.path) == ("http", host, INGEST_PATH)
+    assert (url.scheme, url.hostname, url.path) == ("https", host, INGEST_PATH)
     assert url.port in [p["port"] for p in svc["spec"]["ports"]]
     observer = by_kind(docs, "Deployment")["meshwright-observer"]["spec"]["template"]["spec"]
     (oc,) = observer["containers"]
@@ -197,3 +205,150 @@ def test_rbac_is_read_only_plus_tokenreviews_and_nothing_for_the_daemonset() -> 
     subjects = [s for b in by_kind(docs, "ClusterRoleBinding").values() for s in b["subjects"]]
     assert {s["name"] for s in subjects} == {"meshwright-observer"}
     assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def args_of(container: dict[str, Any]) -> dict[str, str]:
+    return dict(a.removeprefix("--").split("=", 1) for a in container["args"] if "=" in a)
+
+
+def mounted_file(pod: dict[str, Any], container: dict[str, Any], path: str
+                 ) -> tuple[dict[str, Any], str]:
+    """The volume a file path of the container lies in, and the volume's key it shows."""
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    rel = path.removeprefix(mount["mountPath"] + "/")
+    source = volume.get("secret") or volume.get("configMap") or {}
+    keys = [i["key"] for i in source.get("items", []) if i["path"] == rel]
+    return volume, keys[0] if keys else rel
+
+
+def test_the_nodes_verify_the_observer_and_only_the_observer_holds_the_key() -> None:
+    docs = kustomized()
+    ds = by_kind(docs, "DaemonSet")["meshwright-ebpf"]["spec"]["template"]["spec"]
+    obs_pod = by_kind(docs, "Deployment")["meshwright-observer"]["spec"]["template"]
+    observer = obs_pod["spec"]
+    (node,) = ds["containers"]
+    (oc,) = observer["containers"]
+    # Both commands accept these arguments (the same parser as the image's meshwright).
+    parser = build_parser()
+    for container in (node, oc):
+        parser.parse_args(container["args"])
+    nargs, oargs = args_of(node), args_of(oc)
+    assert plaintext_host(nargs["send"]) is None and "insecure-http" not in node["args"]
+    # The node: the CA from the ConfigMap, no Secret at all (the observer's key stays off the
+    # nodes: a pod referencing a Secret lets its node read all of it).
+    volume, key = mounted_file(ds, node, nargs["ca-file"])
+    assert volume["configMap"]["name"] == "meshwright-observer-ca" and key == "ca.crt"
+    assert not [v for v in ds["volumes"] if "secret" in v]
+    # The observer: the certificate and key from the kubernetes.io/tls Secret, readable by
+    # its group (the fsGroup) only.
+    for flag, wanted in (("tls-cert", "tls.crt"), ("tls-key", "tls.key")):
+        volume, key = mounted_file(observer, oc, oargs[flag])
+        assert volume["secret"]["secretName"] == "meshwright-observer-tls" and key == wanted
+        assert volume["secret"]["defaultMode"] == 0o440
+    assert observer["securityContext"]["fsGroup"] == 65532
+    # Everything on --listen is HTTPS now: the probes and the scrape say so.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert oc[probe]["httpGet"]["scheme"] == "HTTPS"
+    assert obs_pod["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    (port,) = by_kind(docs, "Service")["meshwright-observer"]["spec"]["ports"]
+    assert port["appProtocol"] == "https"
+
+
+def readme_blocks() -> list[str]:
+    """The shell blocks of deploy/README.md marked as tested, in order."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"<!-- tested: [^>]*-->\n```sh\n(.*?)```", text, re.S)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's openssl recipe, run as it stands."""
+    assert shutil.which("openssl") is not None, "the openssl command is needed (.ci/run)"
+    root = tmp_path_factory.mktemp("recipe")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_blocks()[0]], cwd=root,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "tls.crt: OK"
+    return root
+
+
+def handshake(root: Path, hostname: str) -> dict[str, Any]:
+    """A TLS handshake between the observer's listener with the recipe's certificate and a
+    node verifying it with the recipe's CA for ``hostname``; the certificate it got."""
+    server, client = socket.socketpair()
+    tls = ServerTLS(root / "tls.crt", root / "tls.key")
+    threading.Thread(target=tls.handshake, args=(server, "node"), daemon=True).start()
+    try:
+        with client_context(root / "ca.crt").wrap_socket(client,
+                                                         server_hostname=hostname) as conn:
+            cert = conn.getpeercert()
+            assert cert is not None
+            return cert
+    finally:
+        client.close()
+
+
+def test_the_openssl_recipe_makes_a_certificate_the_nodes_accept(recipe: Path) -> None:
+    docs = kustomized()
+    (node,) = by_kind(docs, "DaemonSet")["meshwright-ebpf"]["spec"]["template"]["spec"][
+        "containers"]
+    host = urlsplit(args_of(node)["send"]).hostname
+    assert host is not None
+    cert = handshake(recipe, host)
+    assert ("DNS", host) in cert["subjectAltName"]
+    # Another name is refused: the node checks the name, not only the CA.
+    with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+        handshake(recipe, "meshwright-observer.default.svc")
+    # The CA is a CA, the certificate is not.
+    text = subprocess.run(["openssl", "x509", "-in", str(recipe / "tls.crt"), "-noout",
+                           "-text"], capture_output=True, text=True, check=True).stdout
+    assert "CA:FALSE" in text and "TLS Web Server Authentication" in text
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_kubectl_recipe_makes_what_the_manifests_mount(recipe: Path) -> None:
+    made: dict[tuple[str, str], dict[str, Any]] = {}
+    for command in readme_blocks()[1].replace("\\\n", " ").splitlines():
+        if not command.strip():
+            continue
+        assert command.startswith("kubectl -n meshwright create ")
+        done = subprocess.run(f"{command} --dry-run=client -o yaml", shell=True, cwd=recipe,
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(recipe)})
+        assert done.returncode == 0, done.stderr
+        obj = yaml.safe_load(done.stdout)
+        made[(obj["kind"], obj["metadata"]["name"])] = obj
+    secret = made[("Secret", "meshwright-observer-tls")]
+    assert secret["type"] == "kubernetes.io/tls"
+    assert {"tls.crt", "tls.key", "ca.crt"} <= set(secret["data"])
+    assert "ca.crt" in made[("ConfigMap", "meshwright-observer-ca")]["data"]
+    assert {n for _, n in made} == {"meshwright-observer-tls", "meshwright-observer-ca"}
+
+
+def test_the_cert_manager_example_issues_the_secret_the_observer_mounts() -> None:
+    path = DEPLOY / "cert-manager-tls.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert path.name not in kust["resources"]  # an example: cert-manager may not be there
+    assert {d["apiVersion"] for d in docs} == {"cert-manager.io/v1"}
+    assert {d["metadata"]["namespace"] for d in docs} == {"meshwright"}
+    issuers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Issuer"}
+    certs = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+    for spec in certs.values():
+        assert spec["issuerRef"]["kind"] == "Issuer" and spec["issuerRef"]["name"] in issuers
+    # The chain: a self-signed issuer signs the CA, whose Secret the CA issuer signs with.
+    ca_issuer = issuers[certs["meshwright-observer-tls"]["issuerRef"]["name"]]
+    ca = certs[ca_issuer["ca"]["secretName"]]
+    assert ca["isCA"] is True and "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    # The observer's: the Secret observer.yaml mounts, the name the nodes send to.
+    observer = by_kind(kustomized(), "Deployment")["meshwright-observer"]["spec"]["template"]
+    (volume,) = [v for v in observer["spec"]["volumes"] if "secret" in v]
+    leaf = certs[volume["secret"]["secretName"]]
+    (node,) = by_kind(kustomized(), "DaemonSet")["meshwright-ebpf"]["spec"]["template"][
+        "spec"]["containers"]
+    assert urlsplit(args_of(node)["send"]).hostname in leaf["dnsNames"]
+    assert "server auth" in leaf["usages"] and not leaf.get("isCA")
+    assert leaf["privateKey"]["rotationPolicy"] == "Always"

@@ -590,6 +590,10 @@ def test_nodes_last_seen_survive_an_observer_restart() -> None:
     (["--ebpf", "--send", "http://x/v1/flows", "-o", "f.parquet"], "not both"),
     (["--kube", "--state", "s", "--ingest-allow", "u"], "--listen"),
     (["--ebpf", "--send", "http://x/", "--spool-max-bytes", "lots"], "not a size"),
+    # The token would cross the network in clear text (loopback http stays allowed: the tests
+    # above); TLS in tests/meshwright/test_observe_tls.py.
+    (["--ebpf", "--send", "http://x/v1/flows"], "--insecure-http"),
+    (["--kube", "--state", "s", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--listen"),
 ])
 def test_send_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "meshwright", "observe", *args], cwd=tmp_path,

@@ -1,7 +1,9 @@
 """observe.ship: the node's spool and shipper, against a real local HTTP server.
 
 The receiver here is a small stand-in for the observer's ``/v1/flows`` (the real one is tested
-in tests/meshwright/test_observe_ingest.py): it decodes every body with
+in tests/meshwright/test_observe_ingest.py and, over TLS, test_observe_tls.py), plain HTTP or
+HTTPS with certificates the ``openssl`` command makes (:func:`make_pki`): it decodes every body
+with
 :func:`observe.ship.decode_shipment`, stores a shipment once per (stream, seq) and answers as the
 test scripts it - statuses, a dropped answer after the shipment was taken, nothing at all. The
 node side runs in this process, or as a subprocess where the behaviour is about processes
@@ -13,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -28,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import zstandard
+from support.pki import make_pki
 
 from observe.errors import FormatError, InputError
 from observe.schema import FLOW_SCHEMA, conform
@@ -39,9 +44,12 @@ from observe.ship import (
     HEADER_STREAM,
     Shipper,
     Spool,
+    check_url,
+    client_context,
     decode_shipment,
     encode_shipment,
     http_post,
+    is_loopback,
 )
 from observe.watch import Backoff
 
@@ -59,15 +67,21 @@ def flows(first: int, n: int, source: str = "ebpf") -> pa.RecordBatch:
     }))
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 class Receiver:
     """An HTTP server taking shipments: stored once per (stream, seq), answered as scripted.
+    ``tls``: (certificate, key) files: HTTPS (its ``url`` says so).
 
     ``script``: per request, in order, one of ``("status", code)`` (answer that, store
     nothing), ``("drop",)`` (store it, then close without an answer: the answer is lost) or
     ``("hang", seconds)``; when empty, store and answer 200.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: tuple[Path, Path] | None = None) -> None:
         self.script: list[tuple[Any, ...]] = []
         self.requests: list[dict[str, Any]] = []
         self.stored: dict[tuple[str, int], list[int]] = {}
@@ -126,6 +140,11 @@ class Receiver:
         self.httpd = Server(("127.0.0.1", port), Handler)
         self.port = int(self.httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}/v1/flows"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.url = f"https://127.0.0.1:{self.port}/v1/flows"
 
     def __enter__(self) -> Receiver:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -419,6 +438,134 @@ def test_bad_urls_are_refused(tmp_path: Path) -> None:
     for url in ("ftp://x/y", "http:///nohost", "observer:9090"):
         with pytest.raises(InputError):
             Shipper(url, Spool(tmp_path), node="n")
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def test_https_shipments_are_verified_with_the_ca_file(tmp_path: Path, pki: Path) -> None:
+    with Receiver(tls=(pki / "server.pem", pki / "server.key")) as receiver:
+        for n, url in enumerate((receiver.url,  # the certificate's IP SAN, then its DNS SAN
+                                 f"https://localhost:{receiver.port}/v1/flows")):
+            stats = Shipper(url, Spool(tmp_path / str(n)), node="n", ca_file=pki / "ca.pem",
+                            flush_every=0.1, backoff=fast).run(iter([flows(n * 10, 10)]))
+            assert stats.delivered == 1 and stats.failures == {}
+        assert sorted(receiver.ports()) == list(range(20))
+        # Without --ca-file the system's CAs are used: they do not know this test CA.
+        system = Shipper(receiver.url, Spool(tmp_path / "system"), node="n", flush_every=0.1,
+                         backoff=fast).run(iter([flows(0, 1)]), drain_timeout=0.3)
+        assert system.delivered == 0 and system.failures["tls"] >= 1
+        assert system.last_tls_error is not None and "local issuer" in system.last_tls_error
+
+
+def test_an_untrusted_certificate_is_retried_logged_once_then_a_rotated_ca_file_is_used(
+        tmp_path: Path, pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ca_file = tmp_path / "ca.crt"
+    shutil.copy(pki / "other-ca.pem", ca_file)  # not the CA that signed the receiver's
+    spool = Spool(tmp_path / "spool")
+    with Receiver(tls=(pki / "server.pem", pki / "server.key")) as receiver:
+        shipper = Shipper(receiver.url, spool, node="n", ca_file=ca_file, flush_every=0.1,
+                          backoff=fast)
+        done: list[Any] = []
+        with caplog.at_level(logging.DEBUG, logger="observe.ship"):
+            t = threading.Thread(target=lambda: done.append(
+                shipper.run(iter([flows(0, 5)]), drain_timeout=30)))
+            t.start()
+            deadline = time.monotonic() + 30
+            while shipper.stats.failures.get("tls", 0) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            failed = shipper.stats.failures.get("tls", 0)
+            assert failed >= 4
+            # Retried, never delivered, kept in the spool.
+            assert receiver.ports() == [] and [s.rows for s in spool.pending()] == [5]
+            # The CA bundle is replaced in place (a ConfigMap update): used at the next try.
+            tmp = tmp_path / ".ca.tmp"
+            shutil.copy(pki / "ca.pem", tmp)
+            os.replace(tmp, ca_file)
+            t.join(30)
+    (stats,) = done
+    assert stats.delivered == 1 and receiver.ports() == list(range(5))
+    assert stats.failures == {"tls": stats.failures["tls"]} and stats.failures["tls"] >= failed
+    assert shipper.tls is not None and shipper.tls.reloads == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors  # once, not once per retry
+    assert "unable to get local issuer certificate" in errors[0]
+    assert "not in --ca-file" in errors[0] and f"127.0.0.1:{receiver.port}" in errors[0]
+
+
+def test_a_certificate_for_another_name_is_a_tls_failure(tmp_path: Path, pki: Path) -> None:
+    spool = Spool(tmp_path)
+    with Receiver(tls=(pki / "wrong-name.pem", pki / "wrong-name.key")) as receiver:
+        for url in (receiver.url, f"https://localhost:{receiver.port}/v1/flows"):
+            stats = Shipper(url, spool, node="n", ca_file=pki / "ca.pem", flush_every=0.1,
+                            backoff=fast).run(iter([flows(0, 3)]), drain_timeout=0.5)
+            assert stats.delivered == 0 and stats.failures["tls"] >= 2
+            assert stats.last_tls_error is not None
+            assert "mismatch" in stats.last_tls_error and "subjectAltName" in (
+                stats.last_tls_error)
+        assert receiver.ports() == [] and receiver.requests == []
+    assert [s.rows for s in spool.pending()] == [3, 3]
+
+
+def test_https_to_a_plain_http_observer_is_a_tls_failure_that_says_so(
+        tmp_path: Path, receiver: Receiver, pki: Path) -> None:
+    url = receiver.url.replace("http://", "https://")
+    stats = Shipper(url, Spool(tmp_path), node="n", ca_file=pki / "ca.pem", flush_every=0.1,
+                    backoff=fast).run(iter([flows(0, 2)]), drain_timeout=0.3)
+    assert stats.delivered == 0 and stats.failures["tls"] >= 1
+    assert stats.last_tls_error is not None and "plain HTTP" in stats.last_tls_error
+    assert receiver.ports() == []
+
+
+def test_plain_http_leaves_the_machine_only_when_asked() -> None:
+    for host in ("127.0.0.1", "127.8.9.10", "localhost", "LOCALHOST.", "[::1]",
+                 "[::ffff:127.0.0.1]"):
+        assert check_url(f"http://{host}:9090/v1/flows")
+        assert is_loopback(host)
+    for host in ("10.0.0.7", "meshwright-observer.meshwright.svc", "localhost.example.com",
+                 "[::ffff:10.0.0.7]", "[fe80::1]", "0.0.0.0"):
+        assert not is_loopback(host)
+        with pytest.raises(InputError) as err:
+            check_url(f"http://{host}:9090/v1/flows")
+        assert "clear text" in str(err.value) and err.value.hint is not None
+        assert "--insecure-http" in err.value.hint and "https://" in err.value.hint
+        assert check_url(f"http://{host}:9090/v1/flows", insecure_http=True)
+        assert check_url(f"https://{host}:9090/v1/flows")
+
+
+def test_the_shipper_refuses_plain_http_and_a_ca_file_without_https(tmp_path: Path,
+                                                                    pki: Path) -> None:
+    with pytest.raises(InputError, match="clear text"):
+        Shipper("http://10.0.0.7:9090/v1/flows", Spool(tmp_path), node="n")
+    assert Shipper("http://10.0.0.7:9090/v1/flows", Spool(tmp_path), node="n",
+                   insecure_http=True).tls is None
+    with pytest.raises(InputError) as err:
+        Shipper("http://127.0.0.1:9090/v1/flows", Spool(tmp_path), node="n",
+                ca_file=pki / "ca.pem")
+    assert err.value.origin == "--ca-file"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read the CA file"), (b"not pem", "no PEM certificate"),
+    (b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+     "not a usable PEM CA bundle"),
+])
+def test_a_bad_ca_file_is_an_input_error_naming_it(tmp_path: Path, content: bytes | None,
+                                                   message: str) -> None:
+    path = tmp_path / "ca.crt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        Shipper("https://observer.example:9090/v1/flows", Spool(tmp_path / "s"), node="n",
+                ca_file=path)
+    assert err.value.origin == str(path) and message in err.value.message
+    assert "\n" not in str(err.value)
+
+
+def test_the_client_context_is_tls_1_2_or_later_with_names_checked(pki: Path) -> None:
+    for context in (client_context(), client_context(pki / "ca.pem")):
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    # --ca-file replaces the system's CAs (pinned to the cluster's CA), it does not add to them.
+    assert len(client_context(pki / "ca.pem").get_ca_certs()) == 1
 
 
 def test_a_failing_source_is_raised_after_shipping_what_came(tmp_path: Path,
