@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.kube_watch_api import WatchApiServer, _kubeconfig
+from support.observer_harness import running_observer, wait
 
 from meshwright.ingest import DEFAULT_ALLOW, Identity, Ingestor, TokenReviewer
-from meshwright.observer import Observer, ObserverConfig
+from meshwright.observer import Observer
 from observe.cgroup import cgroup2_mount
 from observe.ebpf import _REFUSED_BY_KERNEL
-from observe.kube import KubeApi
 from observe.schema import conform
 from observe.ship import (
     HEADER_NODE,
@@ -133,15 +133,6 @@ def rejected(port: int, reason: str) -> float:
     return metrics(port).get(("meshwright_ingest_rejected_total", (("reason", reason),)), 0.0)
 
 
-def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def cluster() -> Iterator[WatchApiServer]:
     with WatchApiServer(hold_seconds=2.0) as srv:
@@ -153,27 +144,10 @@ def cluster() -> Iterator[WatchApiServer]:
         yield srv
 
 
-@contextlib.contextmanager
 def observer(srv: WatchApiServer, tmp: Path, port: int = 0, **config: Any
-             ) -> Iterator[Observer]:
+             ) -> contextlib.AbstractContextManager[Observer]:
     """An Observer in a thread, listening on ``port``; stopped (SIGTERM's path) on exit."""
-    api = KubeApi.connect(kubeconfig=_kubeconfig(tmp, srv.url))
-    stop = threading.Event()
-    obs = Observer(ObserverConfig(state=tmp / "state", namespaces=["foo"], emit_every=None,
-                                  flush_every=0.2, read_timeout=0.5, slice_seconds=0.5,
-                                  backoff_base=0.05, listen=("127.0.0.1", port), **config),
-                   stop, api)
-    codes: list[int] = []
-    t = threading.Thread(target=lambda: codes.append(obs.run()))
-    t.start()
-    try:
-        wait(lambda: obs.address is not None and obs.watcher.stats.lists > 0, 30,
-             "the observer")
-        yield obs
-    finally:
-        stop.set()
-        t.join(30)
-    assert codes == [0]
+    return running_observer(srv, tmp, port, **config)
 
 
 def url_of(obs: Observer) -> str:

@@ -24,9 +24,8 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.kube_watch_api import WatchApiServer, _kubeconfig
+from support.observer_harness import running_observer, wait
 from support.pki import make_pki
 
 from meshwright.ingest import DEFAULT_ALLOW, HANDSHAKE_REASONS, ServerTLS, load_server_context
-from meshwright.observer import Observer, ObserverConfig
+from meshwright.observer import Observer
 from observe.errors import InputError
-from observe.kube import KubeApi
 from observe.schema import conform
 from observe.ship import Shipper, Spool, client_context
 from observe.state import FlowStore
@@ -77,15 +76,6 @@ def fast() -> Backoff:
     return Backoff(base=0.05, cap=0.2)
 
 
-def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def stored_ports(state: Path) -> list[int]:
     out: list[int] = []
     for f in sorted((state / "flows").rglob("*.parquet")):
@@ -109,27 +99,10 @@ def cluster() -> Iterator[WatchApiServer]:
         yield srv
 
 
-@contextlib.contextmanager
 def observer(srv: WatchApiServer, tmp: Path, cert: Path, key: Path, **config: Any
-             ) -> Iterator[Observer]:
+             ) -> contextlib.AbstractContextManager[Observer]:
     """An Observer in a thread listening with TLS on 127.0.0.1; stopped on exit."""
-    api = KubeApi.connect(kubeconfig=_kubeconfig(tmp, srv.url))
-    stop = threading.Event()
-    obs = Observer(ObserverConfig(state=tmp / "state", namespaces=["foo"], emit_every=None,
-                                  flush_every=0.2, read_timeout=0.5, slice_seconds=0.5,
-                                  backoff_base=0.05, listen=("127.0.0.1", 0), tls_cert=cert,
-                                  tls_key=key, **config), stop, api)
-    codes: list[int] = []
-    t = threading.Thread(target=lambda: codes.append(obs.run()))
-    t.start()
-    try:
-        wait(lambda: obs.address is not None and obs.watcher.stats.lists > 0, 30,
-             "the observer")
-        yield obs
-    finally:
-        stop.set()
-        t.join(30)
-    assert codes == [0]
+    return running_observer(srv, tmp, tls_cert=cert, tls_key=key, **config)
 
 
 def port_of(obs: Observer) -> int:
