@@ -29,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.kube_watch_api import WatchApiServer, _kubeconfig
 from support.observer_harness import running_observer, wait
+from support.shipping_node import spooled_ports, start_node
 
 from meshwright.ingest import DEFAULT_ALLOW, Identity, Ingestor, TokenReviewer
 from meshwright.observer import Observer
@@ -41,7 +42,6 @@ from observe.ship import (
     HEADER_STREAM,
     Shipper,
     Spool,
-    decode_shipment,
     encode_shipment,
     http_post,
 )
@@ -110,14 +110,6 @@ def stored_ports(state: Path) -> list[int]:
         except OSError:
             time.sleep(0.05)
     raise AssertionError("flow files kept changing")
-
-
-def spooled_ports(spool: Path) -> set[int]:
-    """``src_port`` of the rows in a node's undelivered shipments."""
-    return {p for f in spool.glob("ship-*")
-            for b in decode_shipment(f.read_bytes(), f.name,
-                                     encoding="zstd" if f.suffix == ".zst" else None)
-            for p in b.column("src_port").to_pylist()}
 
 
 def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -332,45 +324,14 @@ def test_observer_sigkilled_while_nodes_ship_stores_every_row_once(cluster: Watc
     assert FlowStore(state).checkpoint.ingest[spool.stream].seq == spool.last_seq
 
 
-NODE = textwrap.dedent("""
-    import signal, sys, threading, time
-    import pyarrow as pa
-    from pathlib import Path
-    from observe.schema import conform
-    from observe.ship import Shipper, Spool
-    from observe.watch import Backoff
-
-    url, spool, token, first = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def source():
-        n = first
-        while not stop.is_set():
-            yield conform(pa.table({"src_port": pa.array(range(n, n + 10), pa.int32()),
-                                    "source": ["ebpf"] * 10}))
-            n += 10
-            time.sleep(0.02)
-
-    shipper = Shipper(url, Spool(spool), node="node-a", token_file=token, flush_every=0.1,
-                      backoff=lambda: Backoff(base=0.05, cap=0.2))
-    print("started", flush=True)
-    stats = shipper.run(source(), stop, drain_timeout=10)
-    print(stats.delivered, len(Spool(spool).pending()), flush=True)
-""")
-
-
 def test_node_sigkilled_and_restarted_resends_its_spool_once(cluster: WatchApiServer,
                                                              tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     tokens = token_file(tmp_path)
 
     def start(first: int) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-c", NODE, url_of(obs), str(spool),
-                                 str(tokens), str(first)], cwd=ROOT, stdout=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-        return proc
+        return start_node(url_of(obs), spool, first, drain=10.0, node="node-a",
+                          token_file=tokens)
 
     with observer(cluster, tmp_path) as obs:
         proc = start(0)
@@ -389,7 +350,7 @@ def test_node_sigkilled_and_restarted_resends_its_spool_once(cluster: WatchApiSe
         wait(lambda: at_kill <= set(stored_ports(tmp_path / "state")), 30, "the old spool")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and out.split()[1] == "0"
+    assert proc.returncode == 0 and out.split()[2] == "0"  # nothing left in the spool
     ports = stored_ports(tmp_path / "state")
     assert len(ports) == len(set(ports))  # nothing twice
     assert at_kill <= set(ports) and any(p >= 1_000_000 for p in ports)

@@ -19,9 +19,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +30,7 @@ import pyarrow as pa
 import pytest
 import zstandard
 from support.pki import make_pki
+from support.shipping_node import spooled_ports, start_node
 
 from observe.errors import FormatError, InputError
 from observe.schema import FLOW_SCHEMA, conform
@@ -581,50 +579,6 @@ def test_a_failing_source_is_raised_after_shipping_what_came(tmp_path: Path,
 
 
 # -- processes -----------------------------------------------------------------------------------
-NODE = textwrap.dedent("""
-    import signal, sys, threading, time
-    import pyarrow as pa
-    from pathlib import Path
-    from observe.schema import conform
-    from observe.ship import Shipper, Spool
-    from observe.watch import Backoff
-
-    url, spool, first = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    def source():
-        n = first
-        while not stop.is_set():
-            yield conform(pa.table({"src_port": pa.array(range(n, n + 10), pa.int32()),
-                                    "source": ["ebpf"] * 10}))
-            n += 10
-            time.sleep(0.02)
-
-    shipper = Shipper(url, Spool(spool), node="node-k", flush_every=0.1,
-                      backoff=lambda: Backoff(base=0.05, cap=0.2))
-    print("started", flush=True)
-    stats = shipper.run(source(), stop, drain_timeout=float(sys.argv[4]))
-    print(stats.delivered, stats.duplicates, len(Spool(spool).pending()), flush=True)
-""")
-
-
-def start_node(url: str, spool: Path, first: int, drain: float = 5.0
-               ) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", NODE, url, str(spool), str(first),
-                             str(drain)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-    return proc
-
-
-def spooled_ports(spool: Path) -> set[int]:
-    return {p for f in spool.glob("ship-*")
-            for b in decode_shipment(f.read_bytes(), f.name,
-                                     encoding="zstd" if f.suffix == ".zst" else None)
-            for p in b.column("src_port").to_pylist()}
-
-
 def test_node_sigkilled_and_restarted_resends_its_spool_without_double_counting(
         tmp_path: Path, receiver: Receiver) -> None:
     spool = tmp_path / "spool"

@@ -35,7 +35,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -370,11 +370,12 @@ class WatchApiServer:
         container = (query.get("container") or [""])[0]
         key = (ns, pod, container)
         with self.cond:
-            known = any(k[:2] == (ns, pod) for k in self.logs)
+            logs = self._log_store()
+            known = any(k[:2] == (ns, pod) for k in logs)
             if not known:
                 _send(h, 404, _status(404, "NotFound", f'pods "{pod}" not found'))
                 return
-            if key not in self.logs:
+            if key not in logs:
                 _send(h, 400, _status(400, "BadRequest", f"container {container} is not valid "
                                       f"for pod {pod}"))
                 return
@@ -388,6 +389,10 @@ class WatchApiServer:
         finally:
             with self.cond:
                 self.log_open -= 1
+
+    def _log_store(self) -> Mapping[tuple[str, str, str], object]:
+        """The logs served, by (namespace, pod, container) (a subclass may keep its own)."""
+        return self.logs
 
     def _stream_log(self, h: BaseHTTPRequestHandler, key: tuple[str, str, str],
                     query: dict[str, list[str]], cut: int | None) -> None:

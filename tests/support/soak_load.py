@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
@@ -36,7 +36,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from support.kube_api import _status
 from support.kube_watch_api import (
     WatchApiServer,
     _chunk,
@@ -44,7 +43,6 @@ from support.kube_watch_api import (
     _die,
     _end_chunked,
     _parse_since,
-    _send,
     _start_chunked,
 )
 
@@ -137,30 +135,11 @@ class FastLogApiServer(WatchApiServer):
                 del log.blocks[:k]
                 log.trimmed += k
 
-    def _serve_log(self, h: BaseHTTPRequestHandler, ns: str, pod: str,
-                   query: dict[str, list[str]]) -> None:
-        container = (query.get("container") or [""])[0]
-        key = (ns, pod, container)
-        with self.cond:
-            if key not in self.fast:
-                if any(k[:2] == (ns, pod) for k in self.fast):
-                    _send(h, 400, _status(400, "BadRequest", f"container {container} is not "
-                                          f"valid for pod {pod}"))
-                else:
-                    _send(h, 404, _status(404, "NotFound", f'pods "{pod}" not found'))
-                return
-            cuts = self._cuts.get(key)
-            cut = cuts.pop(0) if cuts else None
-            self.log_open += 1
-            self.log_peak = max(self.log_peak, self.log_open)
-        try:
-            self._stream_blocks(h, key, query, cut)
-        finally:
-            with self.cond:
-                self.log_open -= 1
+    def _log_store(self) -> Mapping[tuple[str, str, str], object]:
+        return self.fast
 
-    def _stream_blocks(self, h: BaseHTTPRequestHandler, key: tuple[str, str, str],
-                       query: dict[str, list[str]], cut: int | None) -> None:
+    def _stream_log(self, h: BaseHTTPRequestHandler, key: tuple[str, str, str],
+                    query: dict[str, list[str]], cut: int | None) -> None:
         since = _parse_since(query["sinceTime"][0]) if query.get("sinceTime") else None
         follow = (query.get("follow") or [""])[0] == "true"
         _start_chunked(h, "text/plain")
