@@ -146,12 +146,8 @@ SIDE: tuple[tuple[str, int], ...] = (
 #: ``nokernel`` (the reduced program: no kernel reads, err/extra/bytes meaningless).
 WORD = {"role": (0, 2), "extra": (2, 2), "last": (4, 4), "err": (8, 8), "bits": (16, 12),
         "nokernel": (28, 1)}
-#: Addresses and ports of a line: IPv4 as the 32-bit value of the address's 4 bytes read
-#: little-endian, IPv6 as two 64-bit halves (bytes 0-7, 8-15, little-endian);
-#: ``ports`` = sport << 16 | dport. Local first (the socket that printed the line).
-ADDR4: tuple[tuple[str, int], ...] = (("slo", 8), ("dlo", 8), ("ports", 8))
-ADDR6: tuple[tuple[str, int], ...] = (
-    ("shi", 16), ("slo", 16), ("dhi", 16), ("dlo", 16), ("ports", 8))
+#: Addresses and ports of a reduced line: each address as ntop() text, ``ports`` = sport << 16
+#: | dport. Local first (the socket that printed the line).
 ADDRT: tuple[tuple[str, int], ...] = (("stext", 39), ("dtext", 39), ("ports", 8))
 #: Printed line kinds (the reduced program, no BTF: one line per socket, addresses as
 #: bpftrace's ntop() text, padded): prefix -> fields after it.
@@ -161,7 +157,8 @@ LAYOUTS: dict[bytes, tuple[tuple[str, int], ...]] = {
 }
 #: A connection record of the BTF program, the value of a rotation map entry (key: the
 #: close time and the CPU): integers, then the peer's command name and the socket's own.
-#: Addresses as in :data:`ADDR6` (IPv4: ``shi``/``dhi`` 0), ``ports`` = sport << 16 | dport
+#: Addresses: IPv6 as two 64-bit halves (``hi`` bytes 0-7, ``lo`` 8-15, each read little-endian),
+#: IPv4 as ``lo`` = its 4 bytes read little-endian and ``hi`` 0; ``ports`` = sport << 16 | dport
 #: | v6 << 32, ``wordpid`` = ``word`` | pid << 32. The ``*2`` fields are a local pair's other
 #: socket (its ``wordpid2`` 0: no peer), its addresses being the mirror image.
 RECORD: tuple[str, ...] = (
@@ -186,7 +183,7 @@ def _fmt(prefix: bytes) -> str:
 
 
 def _addresses(btf: bool) -> str:
-    """bpftrace statements setting $v6, $sh, $sl, $dh, $dl (see :data:`ADDR6`) and $pt.
+    """bpftrace statements setting $v6, $sh, $sl, $dh, $dl (see :data:`RECORD`) and $pt.
 
     With BTF from ``struct sock`` (the tracepoint's own source). Without BTF only $pt: the
     reduced program prints ``ntop()`` text (reading the tracepoint's IPv6 byte arrays one
@@ -740,7 +737,7 @@ class TraceParser:
                 continue
             done |= mine
             rows = buf[starts[mine][:, None] + np.arange(width)]
-            sides.extend(self._decode(prefix, cuts, rows, numbers[mine]))
+            sides.extend(self._decode(cuts, rows, numbers[mine]))
         if sides:
             self._add({k: np.concatenate([s[k] for s in sides]) for k in _SOCK_KEYS})
         for i in np.flatnonzero(~done):
@@ -821,8 +818,9 @@ class TraceParser:
             sides = [{k: v[first] for k, v in side.items()} for side in sides]
         return [{k: v[~paired] for k, v in own.items()}, *sides]
 
-    def _decode(self, prefix: bytes, cuts: dict[str, tuple[int, int]], rows: np.ndarray,
+    def _decode(self, cuts: dict[str, tuple[int, int]], rows: np.ndarray,
                 numbers: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Fixed-layout lines of the reduced program (one socket each) -> its side."""
         sep = np.array([a - 1 for a, _ in cuts.values()])
         ok = (rows[:, sep] == 32).all(axis=1)
         vals: dict[str, np.ndarray] = {}
@@ -833,56 +831,36 @@ class TraceParser:
             else:
                 vals[name], good = _hex(rows[:, a:b])
                 ok &= good
-        n = len(rows)
-        v6 = np.full(n, prefix[1] == ord("6"))
-        if prefix[0] == ord("N"):  # addresses as text: to the BTF program's integers
-            for end in ("s", "d"):
-                index, words = texts.pop(f"{end}text")
-                try:
-                    ints = np.array([_ip_ints(w) for w in words], dtype=np.uint64).reshape(-1, 3)
-                except ValueError:
-                    ints = np.zeros((len(words), 3), dtype=np.uint64)
-                    for j, w in enumerate(words):
-                        try:
-                            ints[j] = _ip_ints(w)
-                        except ValueError:
-                            ok &= index != j
-                vals[f"{end}hi"], vals[f"{end}lo"] = ints[index, 1], ints[index, 2]
-                v6 = ints[index, 0].astype(bool)
+        for end in ("s", "d"):  # addresses as text: to the BTF program's integers
+            index, words = texts.pop(f"{end}text")
+            try:
+                ints = np.array([_ip_ints(w) for w in words], dtype=np.uint64).reshape(-1, 3)
+            except ValueError:
+                ints = np.zeros((len(words), 3), dtype=np.uint64)
+                for j, w in enumerate(words):
+                    try:
+                        ints[j] = _ip_ints(w)
+                    except ValueError:
+                        ok &= index != j
+            vals[f"{end}v6"] = ints[index, 0]
+            vals[f"{end}hi"], vals[f"{end}lo"] = ints[index, 1], ints[index, 2]
         self.stats.malformed += int((~ok).sum())
-        if not ok.all():
-            vals = {k: v[ok] for k, v in vals.items()}
-            texts = {k: (i[ok], t) for k, (i, t) in texts.items()}
-            numbers, v6 = numbers[ok], v6[ok]
-            n = int(ok.sum())
+        vals = {k: v[ok] for k, v in vals.items()}
+        cidx, cwords = texts["comm"]
+        cidx, numbers, n = cidx[ok], numbers[ok], int(ok.sum())
         self.stats.events += n
-        zero = np.zeros(n, dtype=np.uint64)
-        shi, dhi = vals.get("shi", zero), vals.get("dhi", zero)
         ports = vals["ports"]
-        lport, rport = (ports >> np.uint64(16)) & np.uint64(0xFFFF), ports & np.uint64(0xFFFF)
-        out = []
-        for suffix, swap in (("", False), ("2", True)):
-            if f"word{suffix}" not in vals:
-                break
-            cidx, cwords = texts[f"comm{suffix}"]
-            side = {
-                "line": numbers, "num": numbers, "dump": np.zeros(n, dtype=bool), "v6": v6,
-                "lhi": dhi if swap else shi, "llo": vals["dlo"] if swap else vals["slo"],
-                "rhi": shi if swap else dhi, "rlo": vals["slo"] if swap else vals["dlo"],
-                "lport": rport if swap else lport, "rport": lport if swap else rport,
-                "comm": np.array(cwords, dtype=object)[cidx] if n else np.array([], object),
-                "open": np.zeros(n, dtype=bool),
-            }
-            for key in ("word", "start", "end", "pid", "cgroup", "acked", "rcvd"):
-                side[key] = vals[f"{key}{suffix}"]
-            out.append(side)
-        if len(out) == 2:  # a pair both of whose sockets printed it (see _CLOSE_PAIRED)
-            first = self._first_copies(out)
-            self.stats.pairs += int(first.sum())
-            if not first.all():
-                self.stats.events -= int((~first).sum())
-                out = [{k: v[first] for k, v in side.items()} for side in out]
-        return out
+        return [{
+            "line": numbers, "num": numbers, "dump": np.zeros(n, dtype=bool),
+            "v6": vals["sv6"].astype(bool), "lhi": vals["shi"], "llo": vals["slo"],
+            "rhi": vals["dhi"], "rlo": vals["dlo"],
+            "lport": (ports >> np.uint64(16)) & np.uint64(0xFFFF),
+            "rport": ports & np.uint64(0xFFFF),
+            "comm": np.array(cwords, dtype=object)[cidx] if n else np.array([], object),
+            "open": np.zeros(n, dtype=bool),
+            **{key: vals[key] for key in ("word", "start", "end", "pid", "cgroup", "acked",
+                                          "rcvd")},
+        }]
 
     def _first_copies(self, sides: list[dict[str, np.ndarray]]) -> np.ndarray:
         """Which pair records were not seen before (from the other socket of the pair)."""
