@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from support import k8s_fixtures as K
 
 from learn.identity import IdentityResolver
 from observe.inventory import Inventory, load_inventory
@@ -20,16 +20,6 @@ BOOKINFO = DATA / "istio-samples-bookinfo.yaml"
 BOUTIQUE = DATA / "online-boutique-kubernetes-manifests.yaml"
 
 
-def _fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", Path(__file__).parents[1] / "observe" / "k8s_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 
 
 def _ts(hhmm: str) -> datetime:

@@ -1,7 +1,7 @@
 """Linkerd records in learn: client identity first, address second, and the workload port.
 
 The booksapp inventory below is generated in the shape ``kubectl get -o json`` returns
-(tests/observe/k8s_fixtures.py), with the addresses and names of the real access lines in
+(tests/support/k8s_fixtures.py), with the addresses and names of the real access lines in
 tests/data/linkerd-logs/ (Linkerd's docs): traffic's pods dial webapp:7000, the kubelet probes
 webapp's /ping. Expected edges are derived by hand from those lines and this inventory.
 """
@@ -9,14 +9,13 @@ webapp's /ping. Expected edges are derived by hand from those lines and this inv
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
+from support import k8s_fixtures as K
 
 from learn.identity import IdentityResolver, linkerd_identity
 from learn.pipeline import Learned, learn_graph
@@ -33,16 +32,6 @@ EMOJIVOTO = DATA / "inventory" / "linkerd-run-emojivoto.yml"
 TD = "serviceaccount.identity.linkerd.cluster.local"
 
 
-def _fixtures() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", Path(__file__).parents[1] / "observe" / "k8s_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 PROXY = {"name": "linkerd-proxy", "image": "cr.l5d.io/linkerd/proxy:stable-2.12.0",
          "ports": [{"containerPort": 4143, "name": "linkerd-proxy", "protocol": "TCP"},
                    {"containerPort": 4191, "name": "linkerd-admin", "protocol": "TCP"}]}

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import k8s_fixtures as K
 from support.kube_watch_api import WatchApiServer, _kubeconfig
 from support.observer_harness import running_observer, wait
 from support.shipping_node import spooled_ports, start_node
@@ -54,18 +55,6 @@ TOKEN = "node-a-token-0f3c"
 OTHER = "default-sa-token-77aa"
 
 
-def _fixtures() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", ROOT / "tests" / "observe" / "k8s_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 
 
 def flows(first: int, n: int, source: str = "ebpf") -> pa.RecordBatch:

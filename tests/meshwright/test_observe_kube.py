@@ -26,7 +26,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import k8s_fixtures as K
 from support.kube_watch_api import WatchApiServer, _kubeconfig
+from support.observer_harness import wait as _wait
 
 from meshwright.observer import (
     EMIT_STOP_SECONDS,
@@ -47,18 +49,6 @@ OUTBOUND = DATA.read_text().splitlines()[0]
 BASE = 1_606_339_578_000_000_000  # 2020-11-25T21:26:18Z, the line's own second
 
 
-def _fixtures() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", ROOT / "tests" / "observe" / "k8s_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 PODS = {"sleep-1": "10.44.1.23", "sleep-2": "10.44.1.24", "httpbin-1": "10.44.1.27"}
 
 
@@ -124,15 +114,6 @@ def _stored(state: Path) -> list[dict[str, Any]]:
 def _started(log: Path) -> int:
     """How many observer runs logged that they are observing."""
     return sum('"message": "observing"' in line for line in log.read_text().splitlines())
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

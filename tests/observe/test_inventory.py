@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import k8s_fixtures as K
 
 from observe.errors import InventoryError
 from observe.inventory import Inventory, load_inventory
 
-
-def _fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", Path(__file__).with_name("k8s_fixtures.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 INV = Path(__file__).parents[1] / "data" / "inventory"
 BOOKINFO = INV / "istio-samples-bookinfo.yaml"
 BOUTIQUE = INV / "online-boutique-kubernetes-manifests.yaml"

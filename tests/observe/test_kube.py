@@ -8,25 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import k8s_fixtures as K
 from support.kube_api import PATHS, FakeApiServer, _kubeconfig, _status
 
 from observe.errors import InventoryError
 from observe.kube import PAGE_SIZE, load_live_inventory
 
-FIX = Path(__file__).with_name("k8s_fixtures.py")
-
-
-def _fixtures() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("k8s_fixtures", FIX)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 
 def _cluster() -> dict[str, list[dict[str, Any]]]:
     deploy = K.deployment("reviews-v1", {"app": "reviews", "version": "v1"},

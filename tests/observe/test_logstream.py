@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import k8s_fixtures as K
 from support.kube_watch_api import WatchApiServer, _kubeconfig, rfc3339nano
 
 from observe.kube import KubeApi
@@ -25,19 +26,6 @@ from observe.logstream import (
 )
 from observe.watch import Backoff, InventoryWatcher
 
-
-def _fixtures() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", Path(__file__).with_name("k8s_fixtures.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 BASE = 1_606_339_578_000_000_000  # 2020-11-25T21:26:18Z in ns
 
 

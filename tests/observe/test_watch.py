@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import yaml
+from support import k8s_fixtures as K
 from support.kube_watch_api import WatchApiServer, _kubeconfig
 
 from learn.identity import IdentityResolver
@@ -22,19 +23,6 @@ from observe.inventory import Inventory
 from observe.kube import KubeApi
 from observe.watch import Backoff, InventoryWatcher, compact_object
 
-
-def _fixtures() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "k8s_fixtures", Path(__file__).with_name("k8s_fixtures.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _fixtures()
 PODS = "/api/v1/pods"
 T0 = datetime(2020, 11, 25, 22, 0, tzinfo=UTC)
 
