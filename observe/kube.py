@@ -366,7 +366,19 @@ class KubeApi:
 
     def get_json(self, path: str, query: list[tuple[str, Any]]) -> dict[str, Any]:
         """One GET answered with a JSON object (a list page)."""
-        resp = self._request(path, query, REQUEST_TIMEOUT)
+        return self._json(self._request(path, query, REQUEST_TIMEOUT), path)
+
+    def post_json(self, path: str, body: dict[str, Any], *,
+                  timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any]:
+        """One POST of a JSON object answered with a JSON object (a TokenReview).
+
+        Raises :class:`ApiUnavailable` when the server cannot answer now (connection
+        refused or cut, 429, 5xx), :class:`InventoryError` for the other errors (401/403:
+        this identity may not create it)."""
+        return self._json(self._request(path, [], timeout, method="POST", body=body), path)
+
+    def _json(self, resp: Any, path: str) -> dict[str, Any]:
+        """The JSON object a response holds (the response is released)."""
         try:
             body = resp.data
         except urllib3.exceptions.HTTPError as exc:
@@ -384,48 +396,6 @@ class KubeApi:
             raise InventoryError(f"malformed response for {path}: not an object",
                                  origin=self.server)
         return data
-
-    def post_json(self, path: str, body: dict[str, Any], *,
-                  timeout: tuple[float, float] = (5.0, 10.0)) -> dict[str, Any]:
-        """One POST of a JSON object answered with a JSON object (a TokenReview).
-
-        Raises :class:`ApiUnavailable` when the server cannot answer now (connection
-        refused or cut, 429, 5xx), :class:`InventoryError` for the other errors (401/403:
-        this identity may not create it)."""
-        with self._lock:
-            if self._closed:
-                raise ApiUnavailable("client closed", origin=self.server)
-        where = f"POST {path}"
-        try:
-            method, url, headers, data, _ = self.api_client.param_serialize(
-                method="POST", resource_path=path, body=body,
-                header_params={"Accept": "application/json",
-                               "Content-Type": "application/json"},
-                auth_settings=["BearerToken"],
-            )
-            rest = self.api_client.call_api(method, url, header_params=headers, body=data,
-                                            _request_timeout=timeout)
-            resp = rest.response
-            try:
-                payload = resp.data
-            finally:
-                resp.release_conn()
-        except ApiException as exc:
-            raise self._classify(exc.status or 0, exc.body, where, exc) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise ApiUnavailable(f"cannot reach the API server ({where}): {_one_line(exc)}",
-                                 origin=self.server) from exc
-        if not 200 <= resp.status <= 299:
-            raise self._classify(resp.status, payload, where, None)
-        try:
-            doc = json.loads(payload)
-        except ValueError as exc:
-            raise InventoryError(f"malformed response for {where}: {_one_line(exc)}",
-                                 origin=self.server) from exc
-        if not isinstance(doc, dict):
-            raise InventoryError(f"malformed response for {where}: not an object",
-                                 origin=self.server)
-        return doc
 
     def watch(self, path: str, resource_version: str, *, timeout_seconds: int,
               field_selector: str | None = None, bookmarks: bool = True
@@ -478,17 +448,21 @@ class KubeApi:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _request(self, path: str, query: list[tuple[str, Any]],
-                 timeout: tuple[float, float]) -> Any:
+                 timeout: tuple[float, float], *, method: str = "GET",
+                 body: dict[str, Any] | None = None) -> Any:
         with self._lock:
             if self._closed:
                 raise ApiUnavailable("client closed", origin=self.server)
-        where = f"GET {path}"
+        where = f"{method} {path}"
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            method, url, headers, body, _ = self.api_client.param_serialize(
-                method="GET", resource_path=path, query_params=query,
-                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+            verb, url, headers, data, _ = self.api_client.param_serialize(
+                method=method, resource_path=path, query_params=query, body=body,
+                header_params=headers, auth_settings=["BearerToken"],
             )
-            rest = self.api_client.call_api(method, url, header_params=headers, body=body,
+            rest = self.api_client.call_api(verb, url, header_params=headers, body=data,
                                             _request_timeout=timeout)
         except ApiException as exc:
             raise self._classify(exc.status or 0, exc.body, where, exc) from exc
