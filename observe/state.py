@@ -339,9 +339,6 @@ class FlowStore:
         self.stats.deleted_partitions += deleted
         return deleted
 
-    def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.flows.rglob("*") if f.is_file())
-
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
