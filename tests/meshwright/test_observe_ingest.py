@@ -634,8 +634,9 @@ def test_the_real_tracer_ships_to_the_observer(cluster: WatchApiServer, tmp_path
     assert out == sorted(cports) and inn == sorted(cports), rows
     assert {r["comm"] for r in rows if r["direction"] == "outbound"} == {"mw-web"}
     assert all(r["source"] == "ebpf" and r["origin"].startswith("ebpf:node-a:") for r in rows)
-    if web_cg is None or proposal is None:
-        return  # no writable cgroup v2 here: the records reached the store exactly once
+    if web_cg is None or proposal is None:  # the records reached the store exactly once
+        pytest.skip("no writable cgroup v2 hierarchy to place the peers in pods (as in "
+                    "tests/observe/test_ebpf.py)")
     assert {r["pod_uid"] for r in rows if r["direction"] == "outbound"} == {
         web["metadata"]["uid"]}
     # The proposal places each side through its own pod UID - the client's records in the
